@@ -1,0 +1,193 @@
+"""`crate-edge`: a thin layer over the Python API; each command names its Python equivalent.
+
+Errors in the user's input or environment print one line (`error: ...`) and exit 2; set
+CRATE_EDGE_DEBUG=1 to see the traceback of an unexpected failure.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import CrateEdgeError
+
+
+class _Group(click.Group):
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except CrateEdgeError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
+        except Exception as e:  # an unexpected failure still gets one line, not a traceback
+            if os.environ.get("CRATE_EDGE_DEBUG"):
+                raise
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            click.echo(f"error: {type(e).__name__}: {msg[:300]} (set CRATE_EDGE_DEBUG=1 for the traceback)", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="crate-edge")
+def main():
+    """crate-edge: train, compile, quantize, check and benchmark CRATE models."""
+
+
+def _model_options(f):
+    f = click.option("--pool", type=click.Choice(["cls", "mean"]), default=None,
+                     help="Pooling of an upstream checkpoint (default cls, as upstream).")(f)
+    f = click.option("--heads", type=int, default=None,
+                     help="Attention heads of an upstream checkpoint (not recoverable from its shapes).")(f)
+    return f
+
+
+def _load(model, heads=None, pool=None):
+    from .checkpoint import load_model
+
+    return load_model(None if model in (None, "embedded") else model, heads=heads, pool=pool)
+
+
+# ------------------------------------------------------------------ model commands
+
+@main.command("import")
+@click.argument("ckpt", type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (crate-edge format).")
+@_model_options
+def import_cmd(ckpt, out, heads, pool):
+    """Convert an upstream CRATE checkpoint to the crate-edge format.
+
+    Python: crate_edge.import_checkpoint(ckpt, out, heads=, pool=)"""
+    from .checkpoint import import_checkpoint, load_model
+
+    path = import_checkpoint(ckpt, out, heads=heads, pool=pool)
+    cfg = load_model(path).cfg
+    click.echo(f"wrote {path}: CRATE dim={cfg.dim} depth={cfg.depth} heads={cfg.heads}x{cfg.dim_head} "
+               f"patch={cfg.patch_size} image={cfg.image_size} channels={cfg.channels} classes={cfg.num_classes} pool={cfg.pool}")
+
+
+@main.command()
+def variants():
+    """List the named CRATE variants and their parameter counts.
+
+    Python: crate_edge.create_model(name)"""
+    from .model import VARIANTS, create_model
+
+    for name in VARIANTS:
+        m = create_model(name)
+        c = m.cfg
+        click.echo(f"{name:<12} dim={c.dim:<5} depth={c.depth:<3} heads={c.heads}x{c.dim_head:<3} "
+                   f"image={c.image_size}/{c.patch_size} ch={c.channels} params={sum(p.numel() for p in m.parameters()):,}")
+
+
+@main.command()
+@click.argument("model", required=False, default="embedded")
+@click.option("--data", default="embedded", show_default=True, help="Dataset spec (fashion-mnist, mnist, embedded, DIR, FILE.npz).")
+@click.option("--n", "n_images", default=256, show_default=True, help="Number of images to measure on.")
+@click.option("--out", default="out/inspect", show_default=True, type=click.Path(file_okay=False))
+@_model_options
+def inspect(model, data, n_images, out, heads, pool):
+    """Per-layer coding rate and sparsity of MODEL (table, JSON and PNG).
+
+    Python: crate_edge.whitebox.measure(model, images)"""
+    import torch
+
+    from .data import load_dataset, prepare
+    from .whitebox import measure
+
+    m = _load(model, heads, pool)
+    ds = load_dataset(data, "test", m.cfg.image_size, m.cfg.channels)
+    n = min(n_images, len(ds))
+    if n < 1:
+        raise CrateEdgeError(f"dataset {data} is empty")
+    imgs = torch.stack([ds[i][0] for i in range(n)])
+    wb = measure(m, prepare(imgs, m.cfg))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / "whitebox.json").write_text(json.dumps({"model": str(model), "data": data, **wb.to_dict()}, indent=1))
+    wb.plot(Path(out) / "whitebox.png", title=f"{Path(str(model)).name} on {n} images of {data}")
+    click.echo(wb.table())
+    click.echo(f"wrote {out}/whitebox.json and {out}/whitebox.png")
+
+
+@main.command("eval")
+@click.argument("model", required=False, default="embedded")
+@click.option("--data", default="fashion-mnist:test", show_default=True, help="Dataset spec.")
+@click.option("--batch-size", default=256, show_default=True)
+@_model_options
+def eval_cmd(model, data, batch_size, heads, pool):
+    """Top-1 accuracy of MODEL on a labelled dataset.
+
+    Python: crate_edge.evaluate(model, data)"""
+    from . import evaluate
+
+    m = _load(model, heads, pool)
+    r = evaluate(m, data, batch_size=batch_size, progress=True)
+    click.echo(f"top-1 {100 * r['top1']:.2f}% on {r['n']} images of {data} (mean loss {r['loss']:.4f})")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--out", default=None, type=click.Path(file_okay=False), help="Output directory (default runs/<recipe>).")
+@click.option("--epochs", type=int, default=None, help="Override the recipe's epoch count.")
+@click.option("--until", type=int, default=None, help="Stop after this epoch (same schedule); resume later.")
+@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue from OUT/resume if present.")
+def train(recipe, out, epochs, until, resume):
+    """Train a CRATE from a TOML recipe (CUDA when present; torchrun for DDP).
+
+    Python: crate_edge.train.train(recipe, out)"""
+    from .train import load_recipe
+    from .train import train as run
+
+    r = load_recipe(recipe)
+    out = out or f"runs/{r.name}"
+    last = run(r, out, resume=resume, epochs=epochs, until=until)
+    if int(os.environ.get("RANK", "0")) == 0:
+        what = f"{out}/model (crate-edge format) and " if (Path(out) / "model").exists() and not until else f"{out}/resume and "
+        click.echo(f"wrote {what}{out}/train_log.json; last epoch: {json.dumps(last)}")
+
+
+@main.command()
+@click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False))
+def demo(out):
+    """The main job on the embedded reference model: evaluate it and measure its white box.
+
+    Python: crate_edge.load_model(), crate_edge.evaluate(), crate_edge.whitebox.measure()"""
+    import torch
+
+    from . import evaluate
+    from .checkpoint import load_model
+    from .data import load_dataset, prepare
+    from .whitebox import measure
+
+    m = load_model()
+    c = m.cfg
+    click.echo(f"embedded reference model: CRATE dim={c.dim} depth={c.depth} heads={c.heads}x{c.dim_head} "
+               f"patch={c.patch_size} on {c.image_size}x{c.image_size}x{c.channels}, "
+               f"{sum(p.numel() for p in m.parameters()):,} parameters")
+    try:
+        r = evaluate(m, "fashion-mnist:test", progress=True)
+        data = "fashion-mnist:test"
+    except CrateEdgeError as e:
+        click.echo(f"note: {e}; evaluating on the embedded held-out slice instead", err=True)
+        r = evaluate(m, "embedded")
+        data = "embedded"
+    click.echo(f"top-1 {100 * r['top1']:.2f}% on {r['n']} images of {data}")
+    ds = load_dataset("embedded")
+    wb = measure(m, prepare(ds.images[:256], c))
+    click.echo(f"white box on {wb.n_images} held-out images:")
+    click.echo(wb.table())
+    Path(out).mkdir(parents=True, exist_ok=True)
+    wb.plot(Path(out) / "whitebox.png", title="embedded reference model, 256 held-out images")
+    (Path(out) / "demo.json").write_text(json.dumps({"eval": {"data": data, **r}, "whitebox": wb.to_dict()}, indent=1))
+    click.echo(f"wrote {out}/demo.json and {out}/whitebox.png")
+
+
+if __name__ == "__main__":
+    main()
