@@ -18,5 +18,19 @@ def evaluate(model, data: str = "fashion-mnist:test", batch_size: int = 256, pro
     return _evaluate(model, ds, model.cfg, batch_size=batch_size, progress=progress)
 
 
-__all__ = ["CRATE", "CrateConfig", "VARIANTS", "create_model", "list_variants", "load_model", "save_model",
+def compile(model=None, target: str = "onnxruntime", **kw):
+    """Compile a CRATE for a target; see crate_edge.compiler.compile."""
+    from .compiler import compile as _compile
+
+    return _compile(model, target, **kw)
+
+
+def load_artifact(path, reference_ok: bool = False):
+    """Load a compiled artifact (hashes verified); see crate_edge.artifact.load_artifact."""
+    from .artifact import load_artifact as _load
+
+    return _load(path, reference_ok=reference_ok)
+
+
+__all__ = ["compile", "load_artifact", "CRATE", "CrateConfig", "VARIANTS", "create_model", "list_variants", "load_model", "save_model",
            "import_checkpoint", "evaluate", "CrateEdgeError", "BackendUnavailable", "__version__"]

@@ -189,5 +189,76 @@ def demo(out):
     click.echo(f"wrote {out}/demo.json and {out}/whitebox.png")
 
 
+# ------------------------------------------------------------------ compiler commands
+
+@main.command()
+def targets():
+    """List every target, whether it can compile and run here, and if not, why.
+
+    Python: crate_edge.targets.list_targets(), crate_edge.backends.get_backend(name).available()"""
+    from .backends import get_backend
+    from .targets import list_targets, load_target
+
+    for name in list_targets():
+        t = load_target(name)
+        be = get_backend(t.backend)
+        ok, why = be.available()
+        run_ok, run_why = be.can_run()
+        status = "compile: yes" if ok else f"compile: NO ({why})"
+        status += ", run: yes" if run_ok else f", run: NO ({run_why})"
+        click.echo(f"{name:<16} {t.backend:<12} {t.precision:<5} {status}")
+
+
+@main.command("compile")
+@click.option("--target", "-t", required=True, help="Target name (see `crate-edge targets`) or a path to a target .toml.")
+@click.option("--model", "-m", default="embedded", show_default=True, help="crate-edge model dir/.safetensors or upstream checkpoint.")
+@click.option("--out", "-o", default=None, type=click.Path(file_okay=False), help="Artifact directory (default artifacts/<target>).")
+@click.option("--probe", is_flag=True, help="Also output per-layer MSSA features and ISTA outputs (for per-layer parity).")
+@click.option("--parity-data", default="embedded", show_default=True, help="Dataset for the compile-time parity check.")
+@click.option("--keep-failed", is_flag=True, help="Keep the artifact even when parity fails (the command still exits non-zero).")
+@_model_options
+def compile_cmd(target, model, out, probe, parity_data, keep_failed, heads, pool):
+    """Compile MODEL for TARGET into an artifact directory, with a parity check.
+
+    Python: crate_edge.compile(model, target, out=...)"""
+    from .compiler import compile as run
+
+    m = _load(model, heads, pool)
+    art = run(m, target, out=out, probe=probe, parity_data=parity_data, keep_failed=keep_failed)
+    nv = art.manifest.get("not_verified", {})
+    click.echo(f"{art.path}: {art.target} artifact, parity {'passed' if art.manifest['parity']['passed'] else 'FAILED'}"
+               + (f"; not verified here: {', '.join(nv)}" if nv else ""))
+
+
+@main.command("run")
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--data", default="embedded", show_default=True, help="Dataset spec.")
+@click.option("--n", "n_images", default=10, show_default=True, help="Number of images.")
+def run_cmd(artifact, data, n_images):
+    """Print the ARTIFACT's predictions on images from --data.
+
+    Python: crate_edge.load_artifact(artifact)(images)"""
+    import numpy as np
+    import torch
+
+    from .artifact import load_artifact
+    from .data import load_dataset, prepare
+    from .model import CrateConfig
+
+    art = load_artifact(artifact)
+    cfg = CrateConfig.from_dict(art.manifest["source_model"]["config"])
+    ds = load_dataset(data, "test", cfg.image_size, cfg.channels)
+    n = min(n_images, len(ds))
+    imgs = torch.stack([ds[i][0] for i in range(n)])
+    labels = [int(ds[i][1]) for i in range(n)]
+    logits = art(prepare(imgs, cfg).numpy())
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    probs = e / e.sum(1, keepdims=True)
+    for i in range(n):
+        k = int(probs[i].argmax())
+        click.echo(f"{i:>4}  predicted {k:<3} p={probs[i, k]:.3f}  label {labels[i]}")
+    click.echo(f"top-1 {100 * np.mean(logits.argmax(1) == np.array(labels)):.1f}% on {n} images ({art.executor})")
+
+
 if __name__ == "__main__":
     main()

@@ -179,8 +179,10 @@ class PatchRearrange(nn.Module):
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         b, c, H, W = img.shape
-        x = img.reshape(b, c, H // self.ph, self.ph, W // self.pw, self.pw)
-        return x.permute(0, 2, 4, 3, 5, 1).reshape(b, (H // self.ph) * (W // self.pw), self.ph * self.pw * c)
+        h, w = H // self.ph, W // self.pw
+        # tensors of rank <= 5 throughout, which Core ML requires
+        x = img.reshape(b * c, h, self.ph, w, self.pw).permute(0, 1, 3, 2, 4)  # (b c) h w p1 p2
+        return x.reshape(b, c, h * w, self.ph * self.pw).permute(0, 2, 3, 1).reshape(b, h * w, self.ph * self.pw * c)
 
 
 class CRATE(nn.Module):

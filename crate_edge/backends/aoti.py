@@ -1,0 +1,54 @@
+"""AOTInductor: torch.export -> a compiled .pt2 package (C++ on CPU here, CUDA on a GPU host)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .base import Backend, Compiled
+
+PACKAGE = "model.pt2"
+
+
+class AOTIBackend(Backend):
+    name = "aoti"
+    packages = ("torch",)
+    extra = "test"
+
+    def dists(self):
+        return ["torch"]
+
+    def available(self):
+        import shutil
+
+        if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            return False, "no C++ compiler on PATH (AOTInductor compiles C++)"
+        return True, ""
+
+    def compile(self, module, ep, example, target, out: Path) -> Compiled:
+        device = target.options.get("device", "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            from .base import unavailable
+
+            raise unavailable(self.name, "device = cuda but no CUDA GPU is present")
+        if device == "cuda":
+            module = module.cuda()
+            from ..compiler import export
+
+            ep = export(module, example.cuda(), target.dynamic_batch)
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(out / PACKAGE))
+        return Compiled(files=[PACKAGE], precision={"*": "fp32"}, info={"device": device},
+                        verified={"execution": f"AOTInductor ({device}) on this machine"})
+
+    def load(self, art_dir: Path, manifest: dict):
+        device = manifest["backend"].get("device", "cpu")
+        runner = torch._inductor.aoti_load_package(str(art_dir / PACKAGE))
+
+        def run(x: np.ndarray):
+            with torch.no_grad():
+                out = runner(torch.from_numpy(x).to(device))
+            out = out if isinstance(out, (list, tuple)) else [out]
+            return [o.cpu().numpy() for o in out]
+
+        return run

@@ -1,0 +1,146 @@
+"""`crate_edge.compile(model, target)`: rewrites -> torch.export (dynamic batch) -> backend ->
+artifact directory with a manifest, ending with a parity check against the eager model."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import rewrites
+from .artifact import ARTIFACT_FORMAT, MANIFEST, Artifact, file_hashes, load_artifact
+from .backends import get_backend
+from .backends.base import host_info
+from .checkpoint import atomic_dir, load_model, model_hash
+from .errors import CrateEdgeError
+from .targets import Target, load_target
+
+
+class ParityError(CrateEdgeError):
+    """A compiled artifact is outside its target's tolerances."""
+
+
+def export(module: torch.nn.Module, example: torch.Tensor, dynamic_batch: tuple[int, int] | None):
+    """torch.export with a dynamic batch dimension."""
+    dyn = None
+    if dynamic_batch is not None:
+        lo, hi = dynamic_batch
+        dyn = ({0: torch.export.Dim("batch", min=lo, max=hi)},)
+    with torch.no_grad():
+        return torch.export.export(module, (example,), dynamic_shapes=dyn, strict=False)
+
+
+def parity_images(cfg, data: str = "embedded", limit: int | None = None):
+    """(model inputs, labels) of the held-out slice, prepared for the model's config."""
+    from .data import load_dataset, prepare
+
+    ds = load_dataset(data, "test", cfg.image_size, cfg.channels)
+    n = len(ds) if limit is None else min(limit, len(ds))
+    imgs = torch.stack([ds[i][0] for i in range(n)])
+    labels = torch.stack([torch.as_tensor(ds[i][1]) for i in range(n)])
+    return prepare(imgs, cfg), labels
+
+
+def logit_parity(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
+    ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
+    cos = (ref64 * out64).sum(1) / (np.linalg.norm(ref64, axis=1) * np.linalg.norm(out64, axis=1) + 1e-30)
+    d = {"n": int(len(ref)), "top1_agreement": float((ref.argmax(1) == out.argmax(1)).mean()),
+         "max_abs": float(np.abs(ref64 - out64).max()), "mean_abs": float(np.abs(ref64 - out64).mean()),
+         "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
+    if labels is not None:
+        d["reference_top1"] = float((ref.argmax(1) == labels).mean())
+        d["artifact_top1"] = float((out.argmax(1) == labels).mean())
+    return d
+
+
+def check_tolerances(p: dict[str, float], tol: dict[str, float]) -> list[str]:
+    fails = []
+    if "max_abs" in tol and p["max_abs"] > tol["max_abs"]:
+        fails.append(f"max |logit diff| {p['max_abs']:.3g} > {tol['max_abs']:.3g} (by {p['max_abs'] - tol['max_abs']:.3g})")
+    if "min_top1_agreement" in tol and p["top1_agreement"] < tol["min_top1_agreement"]:
+        fails.append(f"top-1 agreement {100 * p['top1_agreement']:.2f}% < {100 * tol['min_top1_agreement']:.2f}% "
+                     f"(short by {100 * (tol['min_top1_agreement'] - p['top1_agreement']):.2f} points)")
+    if "min_cosine" in tol and p["min_cosine"] < tol["min_cosine"]:
+        fails.append(f"min logit cosine {p['min_cosine']:.6f} < {tol['min_cosine']:.6f}")
+    return fails
+
+
+def _run_batched(fn, x: torch.Tensor, bs: int) -> np.ndarray:
+    return np.concatenate([fn(x[i : i + bs].numpy())[0] for i in range(0, len(x), bs)])
+
+
+def compile(model=None, target: str | Target = "onnxruntime", out: str | os.PathLike | None = None, probe: bool = False,
+            parity_data: str = "embedded", parity_limit: int | None = None, keep_failed: bool = False,
+            log=None) -> Artifact:
+    """Compile a CRATE (module, path, or None for the embedded model) for `target` (name or
+    path to a target .toml) into the artifact directory `out` (default artifacts/<target>).
+    Ends with a parity check on the held-out slice; raises ParityError beyond tolerance
+    (the artifact is then not written unless keep_failed)."""
+    say = log or (lambda s: print(s, file=sys.stderr))
+    t = target if isinstance(target, Target) else load_target(target)
+    be = get_backend(t.backend)
+    be.require()
+    src = model if isinstance(model, torch.nn.Module) else load_model(model)
+    src = src.eval()
+    cfg = src.cfg
+    out = Path(out or f"artifacts/{t.name}")
+
+    module = rewrites.apply(src, t.rewrites)
+    if probe:
+        module = rewrites.Probe(module)
+    bs = t.example_batch
+    if t.dynamic_batch is not None:
+        bs = min(max(bs, t.dynamic_batch[0]), t.dynamic_batch[1])
+    example = torch.randn(bs, *cfg.input_shape, generator=torch.Generator().manual_seed(0))
+    say(f"[{t.name}] torch.export (batch {'dynamic ' + str(list(t.dynamic_batch)) if t.dynamic_batch else bs}), rewrites: {', '.join(t.rewrites) or 'none'}")
+    ep = export(module, example, t.dynamic_batch)
+
+    with atomic_dir(out) as tmp:
+        say(f"[{t.name}] lowering with {be.name}")
+        comp = be.compile(module, ep, example, t, tmp)
+        depth = cfg.depth
+        manifest: dict[str, Any] = {
+            "format": ARTIFACT_FORMAT, "version": 1,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "crate_edge": __import__("crate_edge").__version__,
+            "backend": {"name": be.name, "versions": be.versions(), **comp.info},
+            "target": {"name": t.name, "file": Path(t.path).name, "sha256": t.sha256, "definition": t.raw},
+            "source_model": {"sha256": model_hash(src), "config": cfg.to_dict()},
+            "input": {"name": "images", "shape": [bs, *cfg.input_shape], "dtype": "float32",
+                      "batch_range": list(t.dynamic_batch) if t.dynamic_batch else [bs, bs],
+                      "preprocessing": {"scale": 1 / 255, "mean": cfg.mean, "std": cfg.std}},
+            "outputs": ["logits"] + ([f"mssa_features_{i}" for i in range(depth)] + [f"ista_out_{i}" for i in range(depth)] if probe else []),
+            "probe": probe, "precision": comp.precision or {"*": t.precision}, "rewrites": t.rewrites,
+            "verified": comp.verified, "not_verified": comp.not_verified,
+            "files": file_hashes(tmp, comp.files), "host": host_info(),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+
+        # parity against the eager reference model on the held-out slice
+        x, labels = parity_images(cfg, parity_data, parity_limit)
+        art = load_artifact(tmp, reference_ok=True)
+        hi = manifest["input"]["batch_range"][1]
+        say(f"[{t.name}] parity on {len(x)} held-out images via {art.executor}")
+        with torch.no_grad():
+            ref = torch.cat([src(x[i : i + 256]) for i in range(0, len(x), 256)]).numpy()
+        got = _run_batched(art.outputs, x, hi)
+        p = logit_parity(ref, got, labels.numpy())
+        fails = check_tolerances(p, t.tolerances)
+        p.update(executor=art.executor, data=parity_data, tolerances=t.tolerances, passed=not fails, failures=fails)
+        manifest["parity"] = p
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        if fails and not keep_failed:
+            raise ParityError(f"{t.name}: parity failed on {p['n']} images ({art.executor}): " + "; ".join(fails))
+    say(f"[{t.name}] wrote {out}: top-1 agreement {100 * p['top1_agreement']:.2f}%, max |diff| {p['max_abs']:.2e}, "
+        f"min cosine {p['min_cosine']:.6f} ({art.executor})")
+    for k, v in comp.not_verified.items():
+        say(f"[{t.name}] NOT verified here: {k}: {v}")
+    final = load_artifact(out, reference_ok=True)
+    if fails:
+        raise ParityError(f"{t.name}: parity failed (artifact kept at {out}): " + "; ".join(fails))
+    return final

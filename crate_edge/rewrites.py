@@ -1,0 +1,163 @@
+"""CRATE-aware rewrites: small named passes over an eval-mode CRATE, each computing the same
+function (tests hold every pass to <= 1e-5 in fp32) in a form some backend runs faster.
+
+  fold_ista         ISTA's three GEMMs become one: ReLU(y A - eta lambda),
+                    A = I + eta (D - D^T D), folded in float64 then cast (design.md section 3)
+  sdpa_attention    MSSA's attention as scaled_dot_product_attention(w, w, w): one fused op
+                    for backends with a fused attention kernel (Core ML iOS18, ONNX Attention,
+                    TVM R.nn.attention, TensorRT)
+  bmm_attention     attention as 3-D bmm over (batch*heads, N, dim_head): XNNPACK delegates
+                    bmm but not the expand_copy that 4-D batched matmul lowers to
+  linear_layernorm  LayerNorm as mean/variance through F.linear with a 1/d row: XNNPACK has no
+                    layer_norm, but linear/sub/mul/add/rsqrt delegate
+
+Passes never modify their input: `apply(model, names)` returns a rewritten deep copy.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CrateEdgeError
+from .model import CRATE, ISTA, MSSA
+
+PASSES: dict[str, Callable[[CRATE], CRATE]] = {}
+
+
+def register(name: str):
+    def deco(fn):
+        PASSES[name] = fn
+        return fn
+
+    return deco
+
+
+def apply(model: CRATE, names: list[str]) -> CRATE:
+    """Deep-copy `model` (eval mode) and apply the named passes in order."""
+    unknown = [n for n in names if n not in PASSES]
+    if unknown:
+        raise CrateEdgeError(f"unknown rewrite(s) {', '.join(unknown)}; known: {', '.join(PASSES)}")
+    m = copy.deepcopy(model).eval()
+    m.set_fused(False)
+    for n in names:
+        m = PASSES[n](m)
+    return m
+
+
+def _swap(module: nn.Module, cls: type) -> nn.Module:
+    """The same module (same parameters and children) with the forward of `cls`."""
+    new = copy.copy(module)
+    new.__class__ = cls
+    return new
+
+
+# ------------------------------------------------------------------ ISTA
+
+class FoldedISTA(nn.Module):
+    """ReLU(y A - eta lambda) as one linear with bias: weight = A^T (so F.linear(y, A^T) = y A)."""
+
+    def __init__(self, ista: ISTA):
+        super().__init__()
+        D = ista.weight.detach().double()
+        A = torch.eye(D.shape[0], dtype=torch.float64) + ista.eta * (D - D.t() @ D)
+        self.weight = nn.Parameter(A.t().contiguous().to(ista.weight.dtype), requires_grad=False)
+        self.bias = nn.Parameter(torch.full((D.shape[0],), -ista.eta * ista.lambd, dtype=ista.weight.dtype), requires_grad=False)
+        self.eta, self.lambd = ista.eta, ista.lambd
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return F.relu(F.linear(y, self.weight, self.bias))
+
+
+@register("fold_ista")
+def fold_ista(model: CRATE) -> CRATE:
+    for _, ista in model.transformer.layers:
+        if isinstance(ista.fn, ISTA):
+            ista.fn = FoldedISTA(ista.fn)
+    return model
+
+
+# ------------------------------------------------------------------ MSSA
+
+class SDPAMSSA(MSSA):
+    def attend(self, w: torch.Tensor) -> torch.Tensor:
+        o = F.scaled_dot_product_attention(w, w, w)  # default scale dim_head^-0.5 = upstream's
+        return self.to_out(o.transpose(1, 2).flatten(2))
+
+
+class BmmMSSA(MSSA):
+    def attend(self, w: torch.Tensor) -> torch.Tensor:
+        b, h, n, p = w.shape
+        w3 = w.reshape(b * h, n, p)
+        a = torch.softmax(torch.bmm(w3, w3.transpose(1, 2)) * self.scale, dim=-1)
+        o = torch.bmm(a, w3).reshape(b, h, n, p)
+        return self.to_out(o.transpose(1, 2).reshape(b, n, h * p))
+
+
+def _swap_mssa(model: CRATE, cls: type) -> CRATE:
+    for mssa, _ in model.transformer.layers:
+        mssa.fn = _swap(mssa.fn, cls)
+    return model
+
+
+@register("sdpa_attention")
+def sdpa_attention(model: CRATE) -> CRATE:
+    return _swap_mssa(model, SDPAMSSA)
+
+
+@register("bmm_attention")
+def bmm_attention(model: CRATE) -> CRATE:
+    return _swap_mssa(model, BmmMSSA)
+
+
+# ------------------------------------------------------------------ LayerNorm
+
+class LinearLayerNorm(nn.Module):
+    """LayerNorm over the last dim computed with F.linear averaging (eps as nn.LayerNorm's)."""
+
+    def __init__(self, ln: nn.LayerNorm):
+        super().__init__()
+        (d,) = ln.normalized_shape
+        self.register_buffer("avg", torch.full((1, d), 1.0 / d, dtype=ln.weight.dtype))
+        self.weight, self.bias, self.eps = ln.weight, ln.bias, ln.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mu = F.linear(x, self.avg)
+        xc = x - mu
+        var = F.linear(xc * xc, self.avg)
+        return xc * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+@register("linear_layernorm")
+def linear_layernorm(model: CRATE) -> CRATE:
+    for name, mod in list(model.named_modules()):
+        for child_name, child in list(mod.named_children()):
+            if isinstance(child, nn.LayerNorm):
+                setattr(mod, child_name, LinearLayerNorm(child))
+    return model
+
+
+# ------------------------------------------------------------------ probe outputs
+
+class Probe(nn.Module):
+    """Wraps a (rewritten) CRATE so that it also returns, per layer l, the MSSA features
+    U^T LN1(Z^l) (b, heads, N, p) and the ISTA output Z^{l+1} (b, N, d), for per-layer parity.
+    Outputs: (logits, w_0, ..., w_{L-1}, z_1, ..., z_L)."""
+
+    def __init__(self, model: CRATE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        feats: list = []
+        z = self.model.forward_features(x, probe=feats)
+        logits = self.model.mlp_head(self.model.pool(z))
+        return (logits, *[w for w, _ in feats], *[zz for _, zz in feats])
+
+
+def split_probe_outputs(outputs, depth: int):
+    """(logits, [w_l], [z_l]) from a probe model's flat output tuple."""
+    return outputs[0], list(outputs[1 : 1 + depth]), list(outputs[1 + depth : 1 + 2 * depth])

@@ -1,0 +1,95 @@
+"""Declarative target definitions: one TOML file per target variant (crate_edge/targets/,
+also reachable as ./targets in a checkout). `--target NAME` resolves to NAME.toml there; a path
+to a user's own .toml works too."""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .errors import CrateEdgeError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+
+
+@dataclass
+class Target:
+    name: str
+    backend: str
+    precision: str = "fp32"
+    description: str = ""
+    rewrites: list[str] = field(default_factory=list)
+    options: dict[str, Any] = field(default_factory=dict)  # backend options
+    example_batch: int = 2
+    dynamic_batch: tuple[int, int] | None = (1, 64)  # None: static batch
+    parity: dict[str, float] = field(default_factory=dict)  # max_abs, min_top1_agreement, min_cosine
+    bench: dict[str, Any] = field(default_factory=dict)
+    quantize: dict[str, Any] = field(default_factory=dict)
+    path: str = ""
+    sha256: str = ""
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def tolerances(self) -> dict[str, float]:
+        return {"max_abs": 1e-4, "min_top1_agreement": 0.999, "min_cosine": 0.99999, **self.parity}
+
+
+_KEYS = {"name", "backend", "precision", "description", "rewrites", "options", "input", "parity", "bench", "quantize"}
+
+
+def targets_dir() -> Path:
+    return Path(str(resources.files("crate_edge") / "targets"))
+
+
+def list_targets() -> list[str]:
+    return sorted(p.stem for p in targets_dir().glob("*.toml"))
+
+
+def load_target(name_or_path: str | Path) -> Target:
+    p = Path(name_or_path)
+    if not (p.suffix == ".toml" and p.exists()):
+        p = targets_dir() / f"{name_or_path}.toml"
+        if not p.exists():
+            raise CrateEdgeError(f"unknown target {name_or_path!r}; known: {', '.join(list_targets())} (or a path to a .toml)")
+    raw_bytes = p.read_bytes()
+    try:
+        doc = tomllib.loads(raw_bytes.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise CrateEdgeError(f"target file {p}: invalid TOML ({e})") from None
+    unknown = sorted(set(doc) - _KEYS)
+    if unknown:
+        raise CrateEdgeError(f"target file {p}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_KEYS))}")
+    if "backend" not in doc:
+        raise CrateEdgeError(f"target file {p}: 'backend' is required")
+    from .backends import BACKENDS
+
+    if doc["backend"] not in BACKENDS:
+        raise CrateEdgeError(f"target file {p}: unknown backend {doc['backend']!r}; known: {', '.join(BACKENDS)}")
+    prec = doc.get("precision", "fp32")
+    if prec not in PRECISIONS:
+        raise CrateEdgeError(f"target file {p}: precision must be one of {', '.join(PRECISIONS)}")
+    inp = doc.get("input", {})
+    dyn = inp.get("dynamic_batch", [1, 64])
+    if dyn is not None and dyn is not False:
+        if not (isinstance(dyn, list) and len(dyn) == 2 and 1 <= dyn[0] <= dyn[1]):
+            raise CrateEdgeError(f"target file {p}: input.dynamic_batch must be [min, max] with 1 <= min <= max, or false")
+        dyn = (int(dyn[0]), int(dyn[1]))
+    else:
+        dyn = None
+    from .rewrites import PASSES
+
+    bad = [r for r in doc.get("rewrites", []) if r not in PASSES]
+    if bad:
+        raise CrateEdgeError(f"target file {p}: unknown rewrite(s) {', '.join(bad)}; known: {', '.join(PASSES)}")
+    return Target(name=doc.get("name", p.stem), backend=doc["backend"], precision=prec, description=doc.get("description", ""),
+                  rewrites=list(doc.get("rewrites", [])), options=dict(doc.get("options", {})),
+                  example_batch=int(inp.get("example_batch", 2)), dynamic_batch=dyn, parity=dict(doc.get("parity", {})),
+                  bench=dict(doc.get("bench", {})), quantize=dict(doc.get("quantize", {})), path=str(p),
+                  sha256=hashlib.sha256(raw_bytes).hexdigest(), raw=doc)
