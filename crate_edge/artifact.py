@@ -103,7 +103,7 @@ def load_artifact(art_dir: str | os.PathLike, reference_ok: bool = False) -> Art
     m = read_manifest(d)
     verify(d, m)
     be = get_backend(m["backend"]["name"])
-    ok, why = be.can_run()
+    ok, why = be.can_run(m)
     if ok:
         return Artifact(d, m, be.load(d, m), executor=be.name)
     if reference_ok:

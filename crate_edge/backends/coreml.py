@@ -44,10 +44,10 @@ class CoreMLBackend(Backend):
     def dists(self):
         return ["coremltools"]
 
-    def can_run(self):
+    def can_run(self, manifest: dict | None = None):
         if platform.system() != "Darwin":
             return False, "Core ML predictions run only on macOS"
-        return super().can_run()
+        return super().can_run(manifest)
 
     def compile(self, module, ep, example, target, out: Path) -> Compiled:
         import coremltools as ct

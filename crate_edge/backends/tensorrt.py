@@ -60,7 +60,7 @@ class TensorRTBackend(Backend):
     def dists(self):
         return ["onnx", "onnxscript", "tensorrt", "torch-tensorrt"]
 
-    def can_run(self):
+    def can_run(self, manifest: dict | None = None):
         if importlib.util.find_spec("tensorrt") is None:
             return False, "tensorrt is not installed (it comes from NVIDIA's index on a GPU host)"
         if not _gpu():
