@@ -203,7 +203,9 @@ def targets():
         t = load_target(name)
         be = get_backend(t.backend)
         ok, why = be.available()
-        run_ok, run_why = be.can_run()
+        tgt = t.options.get("target")
+        cuda = t.options.get("device") == "cuda" or (isinstance(tgt, dict) and tgt.get("kind") == "cuda")
+        run_ok, run_why = be.can_run({"backend": {"device": "cuda" if cuda else "cpu"}})
         status = "compile: yes" if ok else f"compile: NO ({why})"
         status += ", run: yes" if run_ok else f", run: NO ({run_why})"
         click.echo(f"{name:<16} {t.backend:<12} {t.precision:<5} {status}")
