@@ -19,7 +19,6 @@ import pickle
 import re
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +68,9 @@ class atomic_dir:
         if self.target.exists() and not self.target.is_dir():
             raise CrateEdgeError(f"{self.target} exists and is not a directory")
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        self.tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the result from other users
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb):
@@ -146,7 +148,7 @@ def read_upstream(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CrateEdgeError(f"{path}: refusing to load: the file holds objects other than tensors and plain data "
                              f"(weights_only unpickling rejected it: {first[:200]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError, TypeError, IndexError) as e:
+    except Exception as e:  # torch.load fails on arbitrary bytes with many types (KeyError, RuntimeError, ...)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CrateEdgeError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {msg[:200]}") from None
     arch = None
