@@ -66,7 +66,9 @@ class CoreMLBackend(Backend):
         if target.dynamic_batch:
             lo, hi = target.dynamic_batch
             shape[0] = ct.RangeDim(lo, hi, default=min(max(shape[0], lo), hi))
-        n_out = len(module(example)) if isinstance(module(example), tuple) else 1
+        with torch.no_grad():
+            sample = module(example)
+        n_out = len(sample) if isinstance(sample, tuple) else 1
         names = ["logits"] + [f"out_{i}" for i in range(1, n_out)]
         prec = ct.precision.FLOAT16 if target.precision == "fp16" else ct.precision.FLOAT32
         ep_core = ep.run_decompositions({})
@@ -112,7 +114,7 @@ class CoreMLBackend(Backend):
     def reference_runner(self, art_dir: Path, manifest: dict):
         """Torch runs the ExportedProgram that was converted, at the compute precision."""
         gm = torch.export.load(str(art_dir / SOURCE)).module()
-        half = manifest["backend"].get("precision_compute", manifest["precision"].get("compute")) == "fp16"
+        half = manifest["precision"].get("compute") == "fp16"
         if half:
             gm = gm.half()
 
