@@ -3,6 +3,9 @@ function (tests hold every pass to <= 1e-5 in fp32) in a form some backend runs 
 
   fold_ista         ISTA's three GEMMs become one: ReLU(y A - eta lambda),
                     A = I + eta (D - D^T D), folded in float64 then cast (design.md section 3)
+  fold_ista_update  the same single GEMM on the update only: ReLU(y + y dA - eta lambda),
+                    dA = eta (D - D^T D) in an nn.Linear `update`, so that a quantizer can
+                    quantize dA while the identity path y stays in float (issue 4's policy)
   sdpa_attention    MSSA's attention as scaled_dot_product_attention(w, w, w): one fused op
                     for backends with a fused attention kernel (Core ML iOS18, ONNX Attention,
                     TVM R.nn.attention, TensorRT)
@@ -10,6 +13,13 @@ function (tests hold every pass to <= 1e-5 in fp32) in a form some backend runs 
                     bmm but not the expand_copy that 4-D batched matmul lowers to
   linear_layernorm  LayerNorm as mean/variance through F.linear with a 1/d row: XNNPACK has no
                     layer_norm, but linear/sub/mul/add/rsqrt delegate
+  shift_patch_norm  the patch LayerNorm computed on x - x[..., 0] (LN is shift invariant): a
+                    near-uniform patch (background, sky, upsampled images) has variance << eps,
+                    so LN multiplies the rounding error of its mean by up to eps^-1/2 = 316;
+                    after the shift that mean is taken over small numbers (shifted-data
+                    variance). Measured on CRATE-Tiny/224 and upsampled Fashion-MNIST: layer-0
+                    MSSA features 7.7e-5 -> 2.2e-6 from float64 in eager, 3.4e-3 -> 1.2e-4
+                    under Inductor; logits 3.1e-5 -> 3.3e-6 under Inductor
 
 Passes never modify their input: `apply(model, names)` returns a rewritten deep copy.
 """
@@ -80,6 +90,34 @@ def fold_ista(model: CRATE) -> CRATE:
     return model
 
 
+class FoldedISTAUpdate(nn.Module):
+    """ReLU(y + y dA - eta lambda), dA = eta (D - D^T D) folded in float64: the identity path is
+    an add, so quantizing `update` leaves it exact."""
+
+    def __init__(self, ista: ISTA):
+        super().__init__()
+        D = ista.weight.detach().double()
+        dA = ista.eta * (D - D.t() @ D)
+        d = D.shape[0]
+        self.update = nn.Linear(d, d, bias=True)
+        with torch.no_grad():
+            self.update.weight.copy_(dA.t().to(ista.weight.dtype))
+            self.update.bias.fill_(-ista.eta * ista.lambd)
+        self.update.requires_grad_(False)
+        self.eta, self.lambd = ista.eta, ista.lambd
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return F.relu(y + self.update(y))
+
+
+@register("fold_ista_update")
+def fold_ista_update(model: CRATE) -> CRATE:
+    for _, ista in model.transformer.layers:
+        if isinstance(ista.fn, ISTA):
+            ista.fn = FoldedISTAUpdate(ista.fn)
+    return model
+
+
 # ------------------------------------------------------------------ MSSA
 
 class SDPAMSSA(MSSA):
@@ -137,6 +175,27 @@ def linear_layernorm(model: CRATE) -> CRATE:
         for child_name, child in list(mod.named_children()):
             if isinstance(child, nn.LayerNorm):
                 setattr(mod, child_name, LinearLayerNorm(child))
+    return model
+
+
+# ------------------------------------------------------------------ patch LayerNorm
+
+class ShiftedLayerNorm(nn.Module):
+    """LN(x - x[..., :1]) = LN(x), better conditioned when x is nearly constant along the last dim."""
+
+    def __init__(self, ln: nn.Module):
+        super().__init__()
+        self.ln = ln
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln(x - x[..., :1])
+
+
+@register("shift_patch_norm")
+def shift_patch_norm(model: CRATE) -> CRATE:
+    emb = model.to_patch_embedding
+    if not isinstance(emb[1], ShiftedLayerNorm):
+        emb[1] = ShiftedLayerNorm(emb[1])
     return model
 
 

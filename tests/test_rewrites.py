@@ -19,7 +19,8 @@ def _x(m, b=3):
     return torch.randn(b, *m.cfg.input_shape, generator=torch.Generator().manual_seed(7))
 
 
-COMBOS = [[p] for p in PASSES] + [["fold_ista", "sdpa_attention"], ["fold_ista", "bmm_attention", "linear_layernorm"]]
+COMBOS = [[p] for p in PASSES] + [["shift_patch_norm", "fold_ista", "sdpa_attention"],
+                                  ["shift_patch_norm", "fold_ista", "bmm_attention", "linear_layernorm"]]
 
 
 @pytest.mark.parametrize("names", COMBOS, ids=lambda n: "+".join(n))
@@ -81,3 +82,20 @@ def test_export_with_dynamic_batch(models, names):
         x = _x(m, b)
         with torch.no_grad():
             assert (ep.module()(x) - m(x)).abs().max() <= 1e-5
+
+
+def test_shift_patch_norm_conditions_near_uniform_patches(models):
+    """Patches with variance << eps (flat background) make the patch LayerNorm amplify the
+    rounding of its mean by up to eps^-1/2; the shifted form must track float64 closely."""
+    import copy
+
+    m = models["tiny-224"]
+    g = torch.Generator().manual_seed(3)
+    x = 0.7 + 1e-4 * torch.randn(2, *m.cfg.input_shape, generator=g)  # nearly flat images
+    with torch.no_grad():
+        ref = Probe(apply(copy.deepcopy(m).double(), []))(x.double())[1]
+        plain = Probe(apply(m, []))(x)[1]
+        shifted = Probe(apply(m, ["shift_patch_norm"]))(x)[1]
+    e_plain = (plain.double() - ref).abs().max().item()
+    e_shift = (shifted.double() - ref).abs().max().item()
+    assert e_shift <= 1e-5 and e_shift < e_plain / 10, (e_plain, e_shift)
