@@ -90,19 +90,27 @@ def compile(model=None, target: str | Target = "onnxruntime", out: str | os.Path
     cfg = src.cfg
     out = Path(out or f"artifacts/{t.name}")
 
-    module = rewrites.apply(src, t.rewrites)
+    from .quantize import QuantConfig, QuantPlan, calibration_images, quant_rewrites, quant_sites
+
+    qc = QuantConfig.from_target(t)
+    names = quant_rewrites(t.rewrites, qc)
+    module = rewrites.apply(src, names)
     if probe:
         module = rewrites.Probe(module)
+    plan = None
+    if qc is not None:
+        say(f"[{t.name}] {qc.scheme}: calibration on {qc.calibration_images} {qc.calibration_data} training images")
+        plan = QuantPlan(qc, quant_sites(module, qc), calibration_images(cfg, qc))
     bs = t.example_batch
     if t.dynamic_batch is not None:
         bs = min(max(bs, t.dynamic_batch[0]), t.dynamic_batch[1])
     example = torch.randn(bs, *cfg.input_shape, generator=torch.Generator().manual_seed(0))
-    say(f"[{t.name}] torch.export (batch {'dynamic ' + str(list(t.dynamic_batch)) if t.dynamic_batch else bs}), rewrites: {', '.join(t.rewrites) or 'none'}")
+    say(f"[{t.name}] torch.export (batch {'dynamic ' + str(list(t.dynamic_batch)) if t.dynamic_batch else bs}), rewrites: {', '.join(names) or 'none'}")
     ep = export(module, example, t.dynamic_batch)
 
     with atomic_dir(out) as tmp:
         say(f"[{t.name}] lowering with {be.name}")
-        comp = be.compile(module, ep, example, t, tmp)
+        comp = be.compile(module, ep, example, t, tmp, quant=plan) if plan is not None else be.compile(module, ep, example, t, tmp)
         depth = cfg.depth
         manifest: dict[str, Any] = {
             "format": ARTIFACT_FORMAT, "version": 1,
@@ -115,7 +123,8 @@ def compile(model=None, target: str | Target = "onnxruntime", out: str | os.Path
                       "batch_range": list(t.dynamic_batch) if t.dynamic_batch else [bs, bs],
                       "preprocessing": {"scale": 1 / 255, "mean": cfg.mean, "std": cfg.std}},
             "outputs": ["logits"] + ([f"mssa_features_{i}" for i in range(depth)] + [f"ista_out_{i}" for i in range(depth)] if probe else []),
-            "probe": probe, "precision": comp.precision or {"*": t.precision}, "rewrites": t.rewrites,
+            "probe": probe, "precision": comp.precision or {"*": t.precision}, "rewrites": names,
+            "quantization": plan.manifest() if plan is not None else None,
             "verified": comp.verified, "not_verified": comp.not_verified,
             "files": file_hashes(tmp, comp.files), "host": host_info(),
         }

@@ -71,8 +71,11 @@ class Backend:
     def dists(self) -> list[str]:
         return []
 
-    def compile(self, module: torch.nn.Module, ep: "torch.export.ExportedProgram", example: torch.Tensor, target, out: Path) -> Compiled:
-        """Lower `ep` (torch.export of the rewritten `module`, dynamic batch) into files under `out`."""
+    def compile(self, module: torch.nn.Module, ep: "torch.export.ExportedProgram", example: torch.Tensor, target, out: Path,
+                quant=None) -> Compiled:
+        """Lower `ep` (torch.export of the rewritten `module`, dynamic batch) into files under `out`.
+        `quant` is a crate_edge.quantize.QuantPlan for a reduced-precision target (else None);
+        a backend that cannot honour it raises CrateEdgeError."""
         raise NotImplementedError
 
     def load(self, art_dir: Path, manifest: dict) -> Runner:

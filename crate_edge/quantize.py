@@ -1,0 +1,170 @@
+"""Reduced precision for CRATE, as data: a target's [quantize] table is a QuantConfig, and the
+CRATE-aware precision policy below says which GEMMs a backend may quantize and what stays float.
+
+Why the policy (issue 4): MSSA's q = k = v attention multiplies the error of one shared
+projection by itself, and ISTA's ReLU sits behind a small threshold (eta * lambda = 0.01), so
+small errors flip which coordinates are active. Therefore, in every backend:
+
+  * only the GEMMs with weights are quantized ("sites"): the patch embedding, each layer's
+    subspace projection U (qkv), its output map, its ISTA GEMM, and the classifier head;
+  * LayerNorm, softmax, the residual adds, the w w^T and A w attention products, and the ISTA
+    threshold and ReLU stay in float (their inputs are dequantized before they run);
+  * weights are per output channel; activations per tensor, calibrated on training images
+    (never the held-out slice parity is measured on);
+  * the folded ISTA is quantized either as its update dA = eta (D - D^T D) with the identity
+    path y kept in float (`ista = "update"`, rewrite fold_ista_update) or as the whole matrix
+    A = I + dA (`ista = "matrix"`, rewrite fold_ista);
+  * `float_layers` keeps whole blocks in float: the accuracy-driven fallback raises those.
+
+A backend reads `QuantConfig.from_target(target)` and `quant_sites(module, qc)` to learn which
+module paths to quantize; the config and the sites are recorded in the manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import CrateEdgeError
+
+SCHEMES = ("int8", "fp8", "int8_weights", "palettize", "fp16", "bf16")
+SITE_KINDS = ("embed", "qkv", "out", "ista", "head")
+CALIBRATIONS = ("max", "percentile", "entropy")
+
+# what never gets quantized, by op: recorded in manifests next to the sites
+KEEP_FLOAT = ("layer_norm", "softmax", "residual_add", "attention_products_w_wT_and_A_w", "ista_threshold_relu",
+              "ista_identity_path (ista = update)")
+
+
+@dataclass
+class QuantConfig:
+    scheme: str = "int8"  # int8 (weights + activations) | fp8 (TensorRT) | int8_weights | palettize | fp16 | bf16
+    weights: str = "per_channel"  # per_channel | per_tensor
+    activations: str = "static"  # static (calibrated per tensor) | none (weight-only)
+    calibration: str = "percentile"  # max | percentile | entropy
+    percentile: float = 99.99
+    calibration_data: str = "fashion-mnist"  # any crate_edge.data spec; the train split is used
+    calibration_images: int = 256
+    ista: str = "update"  # update | matrix (see module docstring)
+    sites: list[str] = field(default_factory=lambda: list(SITE_KINDS))  # site kinds quantized
+    float_layers: list[int] = field(default_factory=list)  # blocks kept entirely in float
+    nbits: int = 8  # weight bits for int8_weights / palettize
+    options: dict[str, Any] = field(default_factory=dict)  # backend-specific extras
+
+    @classmethod
+    def from_target(cls, target) -> "QuantConfig | None":
+        """The target's [quantize] table as a config, or None for a float target."""
+        d = dict(target.quantize or {})
+        if not d:
+            return None
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known - {"budget", "fallback"})
+        if unknown:
+            raise CrateEdgeError(f"target {target.name}: unknown [quantize] key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        qc = cls(**{k: v for k, v in d.items() if k in known})
+        qc.validate(target.name)
+        return qc
+
+    def validate(self, where: str = "quantize") -> None:
+        checks = [("scheme", self.scheme, SCHEMES), ("weights", self.weights, ("per_channel", "per_tensor")),
+                  ("activations", self.activations, ("static", "none")), ("calibration", self.calibration, CALIBRATIONS),
+                  ("ista", self.ista, ("update", "matrix"))]
+        for key, val, allowed in checks:
+            if val not in allowed:
+                raise CrateEdgeError(f"{where}: quantize.{key} = {val!r}; allowed: {', '.join(allowed)}")
+        bad = [s for s in self.sites if s not in SITE_KINDS]
+        if bad:
+            raise CrateEdgeError(f"{where}: quantize.sites has unknown kind(s) {', '.join(bad)}; known: {', '.join(SITE_KINDS)}")
+
+    def replace(self, **kw) -> "QuantConfig":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def ista_rewrite(self) -> str:
+        return "fold_ista_update" if self.ista == "update" else "fold_ista"
+
+
+@dataclass
+class QuantPlan:
+    """What a backend's compile(..., quant=plan) gets: the config, the sites to quantize
+    (site name -> module path in the module handed to the backend, which may be a Probe
+    wrapper) and calibration inputs (prepared float32 NCHW images from the training split)."""
+
+    config: QuantConfig
+    sites: dict[str, str]
+    calibration: torch.Tensor
+
+    def manifest(self) -> dict[str, Any]:
+        return {"config": self.config.to_dict(), "sites": sorted(self.sites), "keep_float": list(KEEP_FLOAT),
+                "calibration": {"data": self.config.calibration_data, "split": "train", "images": int(len(self.calibration))}}
+
+
+def quant_rewrites(rewrites: list[str], qc: "QuantConfig | None") -> list[str]:
+    """The target's rewrite list with the ISTA fold the config asks for."""
+    if qc is None:
+        return list(rewrites)
+    fold = {"fold_ista", "fold_ista_update"}
+    out = [qc.ista_rewrite() if r in fold else r for r in rewrites]
+    if not fold & set(rewrites):
+        out.append(qc.ista_rewrite())
+    return out
+
+
+def all_sites(model: nn.Module) -> dict[str, str]:
+    """Every quantizable GEMM of a (rewritten, possibly Probe-wrapped) CRATE:
+    site name ("embed", "3.qkv", "3.out", "3.ista", "head") -> module path in `model`.
+    The module at that path is an nn.Linear, or a FoldedISTA (F.linear on its own weight)."""
+    from .rewrites import FoldedISTA, FoldedISTAUpdate
+
+    prefix = ""
+    inner = model
+    if not hasattr(inner, "transformer") and hasattr(inner, "model"):
+        inner, prefix = inner.model, "model."
+    sites = {"embed": f"{prefix}to_patch_embedding.2"}
+    for i, (mssa, ista) in enumerate(inner.transformer.layers):
+        base = f"{prefix}transformer.layers.{i}"
+        sites[f"{i}.qkv"] = f"{base}.0.fn.qkv"
+        if isinstance(mssa.fn.to_out, nn.Sequential):
+            sites[f"{i}.out"] = f"{base}.0.fn.to_out.0"
+        if isinstance(ista.fn, FoldedISTAUpdate):
+            sites[f"{i}.ista"] = f"{base}.1.fn.update"
+        elif isinstance(ista.fn, FoldedISTA):
+            sites[f"{i}.ista"] = f"{base}.1.fn"
+        # an unfolded ISTA (three GEMMs on one shared D) is not a quantization site
+    sites["head"] = f"{prefix}mlp_head.1"
+    return sites
+
+
+def quant_sites(model: nn.Module, qc: QuantConfig) -> dict[str, str]:
+    """The sites the config quantizes (policy: kinds in qc.sites, minus blocks in float_layers)."""
+    keep = set(qc.float_layers)
+    out = {}
+    for name, path in all_sites(model).items():
+        kind = name.split(".")[-1]
+        layer = int(name.split(".")[0]) if "." in name else None
+        if kind in qc.sites and (layer is None or layer not in keep):
+            out[name] = path
+    return out
+
+
+def calibration_images(cfg, qc: QuantConfig) -> torch.Tensor:
+    """Prepared model inputs for calibration: the first N images of the training split of
+    qc.calibration_data (the held-out parity slice comes from the test split)."""
+    from .data import load_dataset, prepare
+
+    try:
+        ds = load_dataset(qc.calibration_data, "train", cfg.image_size, cfg.channels)
+    except CrateEdgeError:
+        raise
+    except Exception as e:  # noqa: BLE001 - reported as one line
+        raise CrateEdgeError(f"calibration data {qc.calibration_data!r}: {e}") from None
+    n = min(qc.calibration_images, len(ds))
+    # a fixed stride over the split so every class is represented
+    idx = torch.linspace(0, len(ds) - 1, n).long().tolist()
+    imgs = torch.stack([ds[i][0] for i in idx])
+    return prepare(imgs, cfg)
