@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import CrateEdgeError
 from .base import Backend, Compiled
 
 PACKAGE = "model.pt2"
@@ -26,7 +27,9 @@ class AOTIBackend(Backend):
             return False, "no C++ compiler on PATH (AOTInductor compiles C++)"
         return True, ""
 
-    def compile(self, module, ep, example, target, out: Path) -> Compiled:
+    def compile(self, module, ep, example, target, out: Path, quant=None) -> Compiled:
+        if quant is not None:
+            raise CrateEdgeError(f"backend {self.name} has no reduced-precision path yet")
         device = target.options.get("device", "cpu")
         if device == "cuda" and not torch.cuda.is_available():
             from .base import unavailable
