@@ -32,5 +32,9 @@ def load_artifact(path, reference_ok: bool = False):
     return _load(path, reference_ok=reference_ok)
 
 
-__all__ = ["compile", "load_artifact", "CRATE", "CrateConfig", "VARIANTS", "create_model", "list_variants", "load_model", "save_model",
+from . import bench  # noqa: E402  (a callable module: crate_edge.bench(...) runs crate_edge.bench.bench)
+
+# submodules with the other verbs: crate_edge.parity.parity(...), crate_edge.quantize.search(...),
+# crate_edge.testing.assert_parity(...)
+__all__ = ["compile", "load_artifact", "bench", "CRATE", "CrateConfig", "VARIANTS", "create_model", "list_variants", "load_model", "save_model",
            "import_checkpoint", "evaluate", "CrateEdgeError", "BackendUnavailable", "__version__"]

@@ -262,5 +262,72 @@ def run_cmd(artifact, data, n_images):
     click.echo(f"top-1 {100 * np.mean(logits.argmax(1) == np.array(labels)):.1f}% on {n} images ({art.executor})")
 
 
+@main.command("parity")
+@click.argument("artifacts", nargs=-1, required=True)
+@click.option("--reference", "-r", default=None, help="Reference model (crate-edge dir/.safetensors or upstream checkpoint); "
+              "default: the embedded model, which must be the artifacts' source.")
+@click.option("--data", default="fashion-mnist", show_default=True, help="Dataset spec (its test split).")
+@click.option("--limit", type=int, default=None, help="At most this many images (default: all).")
+@click.option("--batch-size", type=int, default=None, help="Images per batch (default: sized to memory, at most 256).")
+@click.option("--out", default="out/parity", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for parity.json, parity.md and parity.png.")
+@click.option("--tol", "tols", multiple=True, metavar="KEY=VALUE",
+              help="Override a target tolerance: max_abs, min_top1_agreement, min_cosine, max_top1_drop, "
+                   "min_support_iou, max_coding_rate_rel, min_sqnr_db.")
+@_model_options
+def parity_cmd(artifacts, reference, data, limit, batch_size, out, tols, heads, pool):
+    """Accuracy parity of ARTIFACT(s) against the eager fp32 reference, per layer for probe builds
+    (writes parity.json, parity.md, parity.png; exits 1 when a tolerance fails).
+
+    Python: crate_edge.parity.parity(artifacts, reference=, data=, tolerances=)"""
+    from .parity import parity
+
+    tol = {}
+    for t in tols:
+        key, eq, val = t.partition("=")
+        if not eq:
+            raise CrateEdgeError(f"--tol {t!r}: expected KEY=VALUE")
+        tol[key.strip()] = val.strip()
+    ref = reference if heads is None and pool is None else _load(reference, heads, pool)
+    report = parity(list(artifacts), reference=ref, data=data, limit=limit, batch_size=batch_size, tolerances=tol, progress=True)
+    report.write(out)
+    click.echo(report.table())
+    click.echo(f"wrote {out}/parity.json, {out}/parity.md and {out}/parity.png")
+    if not report.passed:
+        click.echo(f"parity FAILED: {report.message()}", err=True)
+        sys.exit(1)
+
+
+@main.command("bench")
+@click.argument("artifacts", nargs=-1, required=True)
+@click.option("--batch", default="1", show_default=True, help="Comma-separated batch sizes, e.g. 1,8,32.")
+@click.option("--threads", type=int, default=None, help="Threads for every contender (default: the usable cores).")
+@click.option("--warmup", type=int, default=3, show_default=True, help="Untimed calls per contender and batch.")
+@click.option("--iters", type=int, default=None, help="Timed calls per contender and batch (default 30).")
+@click.option("--seconds", type=float, default=None, help="Instead of --iters: about this many seconds per contender and batch.")
+@click.option("--rounds", type=int, default=5, show_default=True, help="Interleaved rounds the timed calls are split over.")
+@click.option("--model", "-m", default=None, help="The artifacts' source model for the baselines (default: the embedded "
+              "model, which must then be their source).")
+@click.option("--baselines", default="upstream,folded,compile", show_default=True,
+              help="Comma-separated eager baselines (upstream, folded, compile), or none.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the torch baselines run.")
+@click.option("--rpc", default=None, metavar="HOST:PORT", help="Run the TVM artifacts on this TVM RPC server (with --rpc-key: tracker).")
+@click.option("--rpc-key", default=None, help="Device key to request from the RPC tracker given by --rpc.")
+@click.option("--out", default="out/bench", show_default=True, type=click.Path(file_okay=False))
+def bench_cmd(artifacts, batch, threads, warmup, iters, seconds, rounds, model, baselines, device, rpc, rpc_key, out):
+    """Latency (p50/p90/p99), throughput, load and first-call time, peak memory and size of
+    ARTIFACT(s) against eager PyTorch, timed interleaved (writes bench.json, bench.md, bench.png).
+
+    Python: crate_edge.bench(artifacts, batch=, threads=, iters=|seconds=, model=, rpc=)"""
+    from .bench import bench, parse_batches
+
+    bl = () if baselines.strip() in ("", "none") else tuple(b.strip() for b in baselines.split(",") if b.strip())
+    report = bench(list(artifacts), batch=parse_batches(batch), threads=threads, warmup=warmup, iters=iters, seconds=seconds,
+                   rounds=rounds, model=model, baselines=bl, device=device, rpc=rpc, rpc_key=rpc_key)
+    report.write(out)
+    click.echo(report.table())
+    click.echo(f"wrote {out}/bench.json, {out}/bench.md and {out}/bench.png")
+
+
 if __name__ == "__main__":
     main()
