@@ -369,7 +369,9 @@ def _parse_tolerances(tol: dict | None, where: str) -> dict[str, float]:
 
 def target_tolerances(manifest: dict) -> dict[str, float]:
     """The parity tolerances of an artifact's target file that this suite knows."""
-    raw = (manifest.get("target", {}).get("definition") or {}).get("parity") or {}
+    from .targets import tolerances_for
+
+    raw = tolerances_for(manifest.get("target", {}).get("definition") or {})
     return _parse_tolerances({k: v for k, v in raw.items() if k in TOLERANCE_KEYS}, f"{manifest.get('target', {}).get('name')} target")
 
 

@@ -38,7 +38,17 @@ class Target:
 
     @property
     def tolerances(self) -> dict[str, float]:
-        return {"max_abs": 1e-4, "min_top1_agreement": 0.999, "min_cosine": 0.99999, **self.parity}
+        return tolerances_for(self.raw or {"precision": self.precision, "quantize": self.quantize, "parity": self.parity})
+
+
+FP32_TOLERANCES = {"max_abs": 1e-4, "min_top1_agreement": 0.999, "min_cosine": 0.99999}
+
+
+def tolerances_for(definition: dict) -> dict[str, float]:
+    """A target definition's parity tolerances: its [parity] table, over the fp32 defaults for
+    float32 targets (a reduced-precision target states its own budget)."""
+    fp32 = definition.get("precision", "fp32") == "fp32" and not definition.get("quantize")
+    return {**(FP32_TOLERANCES if fp32 else {}), **dict(definition.get("parity") or {})}
 
 
 _KEYS = {"name", "backend", "precision", "description", "rewrites", "options", "input", "parity", "bench", "quantize"}

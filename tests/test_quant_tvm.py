@@ -1,0 +1,152 @@
+"""TVM int8 (target tvm-int8): the policy's site GEMMs become int8 x int8 -> int32 kernels (AVX2
+vpmaddwd), the rest of the Relax program stays fp32. On the embedded Fashion-MNIST model: the
+manifest says what is int8 and what is not, the library really embeds int8 weights instead of the
+float ones, parity passes, held-out top-1 is within half a point of fp32, and the kernel itself
+is exact against an integer reference (row and column tails included)."""
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install 'crate-edge[tvm]')")
+
+from crate_edge import CrateEdgeError, load_artifact, load_model  # noqa: E402
+from crate_edge.compiler import compile, parity_images  # noqa: E402
+from crate_edge.quantize import all_sites  # noqa: E402
+from crate_edge.rewrites import apply  # noqa: E402
+
+QUIET = dict(log=lambda s: None)
+
+
+def _need_avx2_and_calibration_data():
+    from tvm.target import codegen
+
+    from crate_edge.backends.tvm import make_target
+
+    if not codegen.target_has_features("avx2", make_target({"kind": "llvm", "mcpu": "native"})):
+        pytest.skip("this CPU has no AVX2: the TVM int8 kernel is x86-64 AVX2 only")
+    try:
+        from crate_edge.data import load_dataset
+
+        load_dataset("fashion-mnist", "train")
+    except CrateEdgeError as e:
+        pytest.skip(f"calibration data missing: {e}")
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def art(model, tmp_path_factory):
+    _need_avx2_and_calibration_data()
+    return compile(model, "tvm-int8", out=tmp_path_factory.mktemp("tvmq") / "int8", parity_limit=1000, **QUIET)
+
+
+def _sites(model):
+    return all_sites(apply(model, ["shift_patch_norm", "fold_ista_update"]))
+
+
+def test_manifest_precision_and_quantization_block(model, art):
+    m = art.manifest
+    sites = _sites(model)
+    assert len(sites) == 2 + 3 * model.cfg.depth
+    q = m["quantization"]
+    assert q["config"]["scheme"] == "int8" and q["config"]["ista"] == "update"
+    assert sorted(q["sites"]) == sorted(sites) and q["calibration"]["split"] == "train"
+    assert "layer_norm" in q["keep_float"] and "softmax" in q["keep_float"]
+    assert m["rewrites"] == ["shift_patch_norm", "fold_ista_update"]
+    prec = m["precision"]
+    assert prec["*"] == "fp32"
+    assert {k for k in prec if k != "*"} == set(sites) and all(v.startswith("int8") for k, v in prec.items() if k != "*")
+    be = m["backend"]["quantization"]
+    assert set(be["sites"]) == set(sites)
+    assert all(s["activation_scale"] > 0 for s in be["sites"].values())
+
+
+def test_library_embeds_int8_weights_not_float_ones(model, art):
+    """Bytes of the constants the library embeds, by dtype: every site weight as int8 (columns
+    padded to 16), and no float copy of them (which alone would be 4x the int8 bytes)."""
+    consts = art.manifest["backend"]["quantization"]["weight_constants"]
+    mod = apply(model, ["shift_patch_norm", "fold_ista_update"])
+    want = 0
+    for path in _sites(model).values():
+        n, k = mod.get_submodule(path).weight.shape
+        want += -(-n // 16) * 16 * k
+    assert consts["int8"] == want
+    assert consts["float32"] < want  # LayerNorm, biases, scales, embeddings; the float site weights would be 4 * want
+
+
+def test_parity_and_dynamic_batch(model, art):
+    p = art.manifest["parity"]
+    assert p["passed"] and p["executor"] == "tvm" and p["n"] == 1000
+    assert p["top1_agreement"] >= 0.98 and p["min_cosine"] >= 0.99
+    assert p["tolerances"].get("max_abs", 1.0) > 1e-4  # not the fp32 budget
+    a = load_artifact(art.path)
+    for b in (1, 3):
+        x = torch.randn(b, *model.cfg.input_shape, generator=torch.Generator().manual_seed(b)).numpy()
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        got = a(x)
+        assert got.shape == (b, 10)
+        cos = (ref * got).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(got, axis=1)
+        assert cos.min() > 0.99, cos
+
+
+def test_held_out_top1_within_half_a_point_of_fp32(model, art):
+    x, y = parity_images(model.cfg, "embedded")
+    a = load_artifact(art.path)
+    got = np.concatenate([a(x[i : i + 256].numpy()) for i in range(0, len(x), 256)])
+    with torch.no_grad():
+        ref = torch.cat([model(x[i : i + 256]) for i in range(0, len(x), 256)]).numpy()
+    top_q, top_f = (got.argmax(1) == y.numpy()).mean(), (ref.argmax(1) == y.numpy()).mean()
+    print(f"held-out top-1 on {len(x)} images: int8 {100 * top_q:.2f}%, fp32 {100 * top_f:.2f}%")
+    assert top_q >= top_f - 0.005
+
+
+def test_int8_kernel_is_exact():
+    """The TIR kernel against numpy on integers: 13 rows (two 6-row tiles and a one-row tail)
+    and 20 columns (a padded second panel); out = (A_q @ W_q^T) * s exactly (int32 sums < 2^24)."""
+    import tvm
+
+    from crate_edge.backends import tvm as tb
+
+    tgt = tb.make_target({"kind": "llvm", "mcpu": "native"})
+    from tvm.target import codegen
+
+    if not codegen.target_has_features("avx2", tgt):
+        pytest.skip("this CPU has no AVX2")
+    m, k, n = 13, 64, 20
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((n, k))
+    packed, sw, wq = tb.pack_int8_weight(w)
+    aq = rng.integers(-127, 128, size=(m, k)).astype(np.int16)
+    lib = tvm.compile(tvm.IRModule({"main": tb._qgemm_int8(k, n, "main")}), target=tgt).jit()
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros((m, 32), np.float32), dev)
+
+    def run(a16, wp, scale):
+        lib["main"](tvm.runtime.tensor(np.ascontiguousarray(a16).view(np.int32), dev), tvm.runtime.tensor(wp, dev),
+                    tvm.runtime.tensor(scale, dev), out)
+        return out.numpy()[:, :n]
+
+    s = sw.astype(np.float32)
+    ref = (aq.astype(np.int64) @ wq.astype(np.int64).T).astype(np.float32) * s[:n]
+    np.testing.assert_array_equal(run(aq, packed, s), ref)
+    # extremes: 127 * -127 summed over k = 64 is far outside int16; vpmaddwd keeps it exact (vpmaddubsw would saturate)
+    p_neg, _, q_neg = tb.pack_int8_weight(-np.ones((n, k)))
+    assert (q_neg == -127).all()
+    assert (run(np.full((m, k), 127, np.int16), p_neg, np.ones(32, np.float32)) == -127 * 127 * k).all()
+
+
+def test_unimplemented_schemes_and_targets_refuse(model, tmp_path):
+    _need_avx2_and_calibration_data()
+    p = tmp_path / "w8.toml"
+    p.write_text('backend = "tvm"\nprecision = "int8"\nrewrites = ["fold_ista"]\n[quantize]\nscheme = "int8_weights"\n'
+                 'activations = "none"\ncalibration_images = 8\n')
+    with pytest.raises(CrateEdgeError, match="not implemented by the TVM backend"):
+        compile(model, p, out=tmp_path / "a", parity_limit=10, **QUIET)
+    p.write_text('backend = "tvm"\nprecision = "int8"\nrewrites = ["fold_ista"]\n[quantize]\nscheme = "int8"\n'
+                 'calibration = "entropy"\ncalibration_images = 8\n')
+    with pytest.raises(CrateEdgeError, match="entropy"):
+        compile(model, p, out=tmp_path / "b", parity_limit=10, **QUIET)
