@@ -43,7 +43,7 @@ KEEP_FLOAT = ("layer_norm", "softmax", "residual_add", "attention_products_w_wT_
 class QuantConfig:
     scheme: str = "int8"  # int8 (weights + activations) | fp8 (TensorRT) | int8_weights | palettize | fp16 | bf16
     weights: str = "per_channel"  # per_channel | per_tensor
-    activations: str = "static"  # static (calibrated per tensor) | none (weight-only)
+    activations: str = "static"  # static (calibrated per tensor) | dynamic (quantized at run time; ExecuTorch qd8) | none
     calibration: str = "percentile"  # max | percentile | entropy
     percentile: float = 99.99
     calibration_data: str = "fashion-mnist"  # any crate_edge.data spec; the train split is used
@@ -70,7 +70,7 @@ class QuantConfig:
 
     def validate(self, where: str = "quantize") -> None:
         checks = [("scheme", self.scheme, SCHEMES), ("weights", self.weights, ("per_channel", "per_tensor")),
-                  ("activations", self.activations, ("static", "none")), ("calibration", self.calibration, CALIBRATIONS),
+                  ("activations", self.activations, ("static", "dynamic", "none")), ("calibration", self.calibration, CALIBRATIONS),
                   ("ista", self.ista, ("update", "matrix"))]
         for key, val, allowed in checks:
             if val not in allowed:
@@ -168,3 +168,122 @@ def calibration_images(cfg, qc: QuantConfig) -> torch.Tensor:
     idx = torch.linspace(0, len(ds) - 1, n).long().tolist()
     imgs = torch.stack([ds[i][0] for i in idx])
     return prepare(imgs, cfg)
+
+
+# ------------------------------------------------------------------ accuracy-driven fallback
+
+DEFAULT_BUDGET = {"max_top1_drop": 0.003, "min_support_iou": 0.90, "max_coding_rate_rel": 0.02}
+
+
+def _with_float_layers(target, float_layers: list[int]):
+    """The target with quantize.float_layers replaced (definition and manifest follow)."""
+    import copy
+    import hashlib
+    import json
+
+    raw = copy.deepcopy(target.raw)
+    raw.setdefault("quantize", {})["float_layers"] = sorted(float_layers)
+    q = dict(target.quantize, float_layers=sorted(float_layers))
+    sha = hashlib.sha256(json.dumps(raw, sort_keys=True).encode()).hexdigest()
+    return dataclasses.replace(target, quantize=q, raw=raw, sha256=sha)
+
+
+def _latency_ms(art, x, iters: int = 15) -> float:
+    import time
+
+    art(x)
+    ts = []
+    for _ in range(iters):
+        t = time.perf_counter()
+        art(x)
+        ts.append(time.perf_counter() - t)
+    return 1e3 * sorted(ts)[len(ts) // 2]
+
+
+def _sensitivity(layers: list[dict], cap: float = 200.0) -> list[float]:
+    """Per block: the feature SQNR (dB) lost across it, i.e. the error that block introduces."""
+    import math
+
+    out, prev = [], cap
+    for d in layers:
+        s = d.get("z_sqnr_db")
+        s = cap if s is None or not math.isfinite(s) else min(s, cap)
+        out.append(prev - s)
+        prev = s
+    return out
+
+
+def search(model=None, target="executorch-int8", out=None, budget: dict | None = None, data: str = "fashion-mnist:train",
+           limit: int = 2000, log=None) -> dict:
+    """Accuracy-driven fallback (issue 4): compile the quantized target as a probe build, measure
+    it against the fp32 model on `data` (default: training images, so the test set stays
+    untouched), and while the budget fails keep the most sensitive block (largest SQNR loss
+    across it) in float and try again. The first configuration that passes has the fewest
+    float blocks, i.e. is the fastest; it is compiled again without probe outputs into `out`.
+    If none passes, the best one found is saved anyway and CrateEdgeError says so. A log of
+    every attempt (config, metrics, batch-1 latency) is written to `<out>.search.json`."""
+    import json
+    import shutil
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    from .checkpoint import load_model
+    from .compiler import compile as _compile
+    from .parity import parity
+    from .targets import load_target
+
+    say = log or (lambda s: print(s, file=sys.stderr))
+    t = target if not isinstance(target, (str, Path)) else load_target(target)
+    qc = QuantConfig.from_target(t)
+    if qc is None:
+        raise CrateEdgeError(f"target {t.name} has no [quantize] table: nothing to search")
+    src = model if isinstance(model, nn.Module) else load_model(model)
+    src = src.eval()
+    bud = {**DEFAULT_BUDGET, **dict(t.quantize.get("budget", {})), **(budget or {})}
+    out = Path(out or f"artifacts/{t.name}")
+    depth = src.cfg.depth
+    x1 = calibration_images(src.cfg, qc.replace(calibration_images=1)).numpy()
+    float_layers = sorted(set(qc.float_layers))
+    attempts: list[dict] = []
+    best = None
+    work = Path(tempfile.mkdtemp(prefix="crate-qsearch-"))
+    try:
+        while True:
+            tt = _with_float_layers(t, float_layers)
+            say(f"[search] {t.name}: float blocks {float_layers or 'none'}")
+            art = _compile(src, tt, out=work / f"try{len(attempts)}", probe=True, keep_failed=True, log=lambda s: None)
+            rep = parity([art], reference=src, data=data, limit=limit, tolerances=bud, progress=False)[0]
+            lat = _latency_ms(art, x1) if art.executor == t.backend else None
+            sens = _sensitivity(rep.layers) if rep.layers else [0.0] * depth
+            rec = {"float_layers": list(float_layers), "passed": rep.passed, "message": rep.message(),
+                   "top1_drop": rep.logits.get("top1_drop"), "top1_agreement": rep.logits.get("top1_agreement"),
+                   "min_support_iou": min(d["support_iou_mean"] for d in rep.layers) if rep.layers else None,
+                   "max_coding_rate_rel": max(d["coding_rate_rel"] for d in rep.layers) if rep.layers else None,
+                   "sensitivity_db": sens, "latency_b1_ms": lat, "executor": art.executor}
+            attempts.append(rec)
+            say(f"[search]   {'PASS' if rep.passed else 'fail'}: {rep.message()}"
+                + (f"; batch-1 {lat:.2f} ms" if lat is not None else ""))
+            score = (rep.passed, -len(float_layers), rec["top1_agreement"] or 0.0)
+            if best is None or score > best[0]:
+                best = (score, list(float_layers), rec)
+            if rep.passed:
+                break
+            cand = [(s, l) for l, s in enumerate(sens) if l not in float_layers]
+            if not cand:
+                break
+            float_layers = sorted(float_layers + [max(cand)[1]])
+        _, chosen, rec = best
+        say(f"[search] {'passing' if rec['passed'] else 'best (budget NOT met)'} configuration: float blocks {chosen or 'none'}; "
+            f"compiling it into {out}")
+        final = _compile(src, _with_float_layers(t, chosen), out=out, keep_failed=True)
+        result = {"target": t.name, "budget": bud, "data": data, "limit": limit, "chosen_float_layers": chosen,
+                  "passed": rec["passed"], "attempts": attempts, "artifact": str(out)}
+        Path(str(out) + ".search.json").write_text(json.dumps(result, indent=1, default=str))
+        if not rec["passed"]:
+            raise CrateEdgeError(f"{t.name}: no configuration met the budget ({rec['message']}); best saved at {out}, "
+                                 f"log {out}.search.json")
+        result["artifact_obj"] = final
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -171,6 +171,12 @@ class LinearLayerNorm(nn.Module):
 
 @register("linear_layernorm")
 def linear_layernorm(model: CRATE) -> CRATE:
+    for mod in model.modules():
+        if isinstance(mod, ShiftedLayerNorm) and mod.pick is None:
+            d = mod.ln.normalized_shape[0] if isinstance(mod.ln, nn.LayerNorm) else mod.ln.avg.shape[1]
+            e0 = torch.zeros(1, d, dtype=mod.ln.weight.dtype)
+            e0[0, 0] = 1.0
+            mod.pick = e0
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, nn.LayerNorm):
@@ -181,14 +187,18 @@ def linear_layernorm(model: CRATE) -> CRATE:
 # ------------------------------------------------------------------ patch LayerNorm
 
 class ShiftedLayerNorm(nn.Module):
-    """LN(x - x[..., :1]) = LN(x), better conditioned when x is nearly constant along the last dim."""
+    """LN(x - x[..., :1]) = LN(x), better conditioned when x is nearly constant along the last dim.
+    With `pick` set (linear_layernorm does), x[..., :1] is taken as F.linear(x, e_0), which is
+    exact (1 * x_0 plus zeros) and which XNNPACK delegates, unlike the slice."""
 
     def __init__(self, ln: nn.Module):
         super().__init__()
         self.ln = ln
+        self.register_buffer("pick", None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln(x - x[..., :1])
+        x0 = x[..., :1] if self.pick is None else F.linear(x, self.pick)
+        return self.ln(x - x0)
 
 
 @register("shift_patch_norm")

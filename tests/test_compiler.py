@@ -40,7 +40,7 @@ def ort_art(micro, tmp_path_factory):
 def test_onnxruntime_artifact(micro, ort_art):
     m = ort_art.manifest
     assert m["parity"]["passed"] and m["parity"]["top1_agreement"] >= 0.999 and m["parity"]["max_abs"] <= 1e-4
-    assert m["rewrites"] == ["fold_ista", "sdpa_attention"]
+    assert m["rewrites"] == ["shift_patch_norm", "fold_ista", "sdpa_attention"]
     assert m["backend"]["ops"]["Attention"] == micro.cfg.depth  # MSSA kept as one fused op per layer
     assert m["source_model"]["sha256"] == crate_edge.checkpoint.model_hash(micro)
     assert set(m["files"]) == {"model.onnx"} and m["host"]["cores"] >= 1

@@ -131,6 +131,261 @@ def _batch_is_dynamic(edge_ep) -> bool:
     return all(isinstance(n.meta["val"].shape[0], torch.SymInt) for n in inputs)
 
 
+# ------------------------------------------------------------------ int8 (PT2E)
+#
+# torch.export -> prepare_pt2e with a quantizer that annotates ONLY the linear ops of the plan's
+# sites (crate_edge.quantize policy) using XNNPACK's QuantizationSpec objects -> calibration ->
+# convert_pt2e (q/dq around those linears) -> torch.export again -> the same edge passes and
+# XnnpackPartitioner as fp32, which turns each dq -> linear -> q group into an XNNPACK int8
+# fully-connected op. Activations: "static" (per-tensor qparams from calibration, qs8 in and out
+# of each GEMM) or "dynamic" (XNNPACK qd8: per-row int8 input quantized at run time, fp32 out;
+# calibration unused). Set by [quantize] activations, or [quantize.options] activations when the
+# config schema only knows static/none.
+
+OBSERVERS = {
+    "max": "MinMaxObserver (running min/max over the calibration images)",
+    "percentile": "PercentileObserver (the (100-p)th / p-th percentiles of a sample of the calibration activations)",
+    "entropy": "HistogramObserver (torchao: 2048-bin histogram, range chosen to minimise the L2 quantization error; "
+               "torchao has no KL-divergence observer)",
+}
+_PERCENTILE_CLS = None
+
+
+def _percentile_observer_cls():
+    """A MinMaxObserver whose range is the percentiles of the activations instead of the extremes
+    (torchao 0.18 offers MinMax, MovingAverage, Histogram (L2 search) but no percentile observer)."""
+    global _PERCENTILE_CLS
+    if _PERCENTILE_CLS is not None:
+        return _PERCENTILE_CLS
+    from torchao.quantization.pt2e import MinMaxObserver
+
+    class PercentileObserver(MinMaxObserver):
+        def __init__(self, percentile: float = 99.99, sample: int = 1 << 18, **kw):
+            super().__init__(**kw)
+            self.percentile = float(percentile)
+            self.sample = int(sample)
+            self._seen: list[torch.Tensor] = []
+            self._gen = torch.Generator().manual_seed(0)
+
+        def forward(self, x_orig):
+            if x_orig.numel():
+                x = x_orig.detach().flatten().float()
+                if x.numel() > self.sample:  # a uniform random sample: a stride would pick fixed channels
+                    x = x[torch.randint(x.numel(), (self.sample,), generator=self._gen)]
+                self._seen.append(x.clone())
+            return super().forward(x_orig)
+
+        def calculate_qparams(self):
+            if not self._seen:
+                return super().calculate_qparams()
+            x = torch.cat(self._seen)
+            n = x.numel()
+            q = self.percentile / 100.0
+            k_hi = min(n, max(1, int(round(q * (n - 1))) + 1))
+            k_lo = min(n, max(1, int(round((1.0 - q) * (n - 1))) + 1))
+            lo = torch.kthvalue(x, k_lo).values
+            hi = torch.kthvalue(x, k_hi).values
+            return self._calculate_qparams(lo.reshape(()), hi.reshape(()))
+
+    _PERCENTILE_CLS = PercentileObserver
+    return PercentileObserver
+
+
+def activation_mode(qc) -> str:
+    """static | dynamic: [quantize] activations, or [quantize.options] activations."""
+    mode = str(qc.options.get("activations", qc.activations))
+    if mode not in ("static", "dynamic"):
+        raise CrateEdgeError(f"executorch int8: activations = {mode!r} is not supported; use \"static\" "
+                             f"(calibrated per-tensor) or \"dynamic\" (XNNPACK qd8, per-row at run time)")
+    return mode
+
+
+def quantization_config(qc):
+    """XNNPACK QuantizationConfig for the sites: int8 weights symmetric in [-127, 127] (per output
+    channel or per tensor), int8 activations per tensor (affine, [-128, 127]) from the observer
+    that qc.calibration names, or dynamic per-row activations; bias left in float (XNNPACK
+    quantizes it to int32 with the input and weight scales when it builds the GEMM)."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
+    from torchao.quantization.pt2e import HistogramObserver, MinMaxObserver
+    from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
+
+    per_channel = qc.weights == "per_channel"
+    mode = activation_mode(qc)
+    if mode == "dynamic":
+        if not per_channel:
+            raise CrateEdgeError("executorch int8: XNNPACK's dynamic-activation GEMM needs per_channel weights")
+        return get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True), "dynamic per-row (XNNPACK qd8, no observer)"
+    base = get_symmetric_quantization_config(is_per_channel=per_channel)
+    eps = {"eps": 2**-12}
+    if qc.calibration == "max":
+        obs = MinMaxObserver.with_args(**eps)
+    elif qc.calibration == "percentile":
+        obs = _percentile_observer_cls().with_args(percentile=qc.percentile, **eps)
+    elif qc.calibration == "entropy":
+        obs = HistogramObserver.with_args(**eps)
+    else:
+        raise CrateEdgeError(f"executorch int8: unknown calibration {qc.calibration!r}")
+    act = QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine,
+                           is_dynamic=False, observer_or_fake_quant_ctr=obs)
+    label = OBSERVERS[qc.calibration] + (f", p = {qc.percentile}" if qc.calibration == "percentile" else "")
+    return QuantizationConfig(act, act, base.weight, None, False), label
+
+
+def _stack_paths(node) -> set[str]:
+    out = set()
+    for v in node.meta.get("nn_module_stack", {}).values():
+        path = v[0] if isinstance(v, (tuple, list)) else str(v)
+        for pre in ("L['self'].", "L__self__."):
+            if path.startswith(pre):
+                path = path[len(pre):]
+        out.add(path)
+    return out
+
+
+def _site_quantizer(paths: dict[str, str], config):
+    """A torchao Quantizer that annotates exactly one aten.linear per site (the linear whose
+    nn_module_stack holds the site's module path) and nothing else: no add/mul/softmax/
+    layer_norm/bmm annotation, and no propagation through views."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import OP_TO_ANNOTATOR
+    from torchao.quantization.pt2e.quantizer import Quantizer
+
+    by_path = {p: s for s, p in paths.items()}
+
+    class SiteLinearQuantizer(Quantizer):
+        def __init__(self):
+            super().__init__()
+            self.annotated: dict[str, list[str]] = {}
+
+        def annotate(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            def site_of(n):
+                hit = [by_path[p] for p in _stack_paths(n) if p in by_path]
+                return hit[0] if len(hit) == 1 else None
+
+            def keep(n) -> bool:
+                return site_of(n) is not None
+
+            for part in OP_TO_ANNOTATOR["linear"](gm, config, keep) or []:
+                node = part[0]
+                self.annotated.setdefault(site_of(node), []).append(node.name)
+            return gm
+
+        def validate(self, gm: torch.fx.GraphModule) -> None:
+            missing = sorted(set(paths) - set(self.annotated))
+            many = sorted(s for s, v in self.annotated.items() if len(v) != 1)
+            if missing or many:
+                raise CrateEdgeError(f"executorch int8: site(s) without exactly one linear to quantize: {', '.join(missing + many)} "
+                                     f"(site module paths: {', '.join(paths[s] for s in missing + many)})")
+
+    return SiteLinearQuantizer()
+
+
+def quantize_pt2e(module: torch.nn.Module, example: torch.Tensor, target, plan, batch: int = 32):
+    """(re-exported quantized ExportedProgram, {site: [linear node]}, observer label)."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from ..compiler import export
+
+    config, label = quantization_config(plan.config)
+    quantizer = _site_quantizer(plan.sites, config)
+    gm = export(module, example, target.dynamic_batch).module()
+    prepared = prepare_pt2e(gm, quantizer)
+    cal = plan.calibration
+    if activation_mode(plan.config) == "dynamic":
+        # no activation ranges to learn, but the weight observers still have to see one pass
+        with torch.no_grad():
+            prepared(example)
+    else:
+        if cal is None or len(cal) == 0:
+            raise CrateEdgeError("executorch int8: static activations need calibration images")
+        hi = target.dynamic_batch[1] if target.dynamic_batch else len(example)
+        bs = min(batch, hi) if target.dynamic_batch else len(example)
+        with torch.no_grad():
+            for i in range(0, len(cal), bs):
+                xb = cal[i : i + bs]
+                if target.dynamic_batch is None and len(xb) != bs:
+                    continue  # a static batch takes only full batches
+                if target.dynamic_batch is not None and len(xb) < target.dynamic_batch[0]:
+                    continue
+                prepared(xb)
+    converted = convert_pt2e(prepared)
+    return export(converted, example, target.dynamic_batch), quantizer.annotated, label
+
+
+def _fname(n) -> str:
+    return getattr(n.target, "__name__", str(n.target)) if isinstance(n, torch.fx.Node) and n.op == "call_function" else ""
+
+
+def _dynamic_act(dq) -> bool:
+    """dq <- quantize(x, scale, zp) whose qparams come from choose_qparams at run time."""
+    q = dq.args[0] if isinstance(dq, torch.fx.Node) and dq.args else None
+    if "quantize" not in _fname(q):
+        return False
+    for a in q.all_input_nodes[1:]:
+        src = a.args[0] if _fname(a) == "getitem" else a
+        if "choose_qparams" in _fname(src):
+            return True
+    return False
+
+
+def linear_inventory(edge_ep) -> dict[str, int]:
+    """Linears inside the XNNPACK delegates (the partitions' original edge graphs) by precision:
+    int8_static_act / int8_dynamic_act when the weight is a dequantize of int8 data, else fp32."""
+    inv = Counter()
+    gm = edge_ep.graph_module
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target != torch.ops.higher_order.executorch_call_delegate:
+            continue
+        lowered = getattr(gm, node.args[0].target)
+        for n in lowered.original_module.graph_module.graph.nodes:
+            if not _fname(n).startswith("aten.linear"):
+                continue
+            if "dequantize" in _fname(n.args[1]):
+                inv["int8_dynamic_act" if _dynamic_act(n.args[0]) else "int8_static_act"] += 1
+            else:
+                inv["fp32"] += 1
+    return dict(sorted(inv.items()))
+
+
+def compile_int8(module, ep, example, target, out: Path, plan) -> Compiled:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    qc = plan.config
+    if qc.scheme != "int8":
+        raise CrateEdgeError(f"backend executorch: quantize.scheme = {qc.scheme!r} is not supported; it builds \"int8\" (XNNPACK)")
+    if not plan.sites:
+        raise CrateEdgeError("backend executorch: the quantization plan has no sites")
+    mode = activation_mode(qc)
+    qep, annotated, label = quantize_pt2e(module, example, target, plan)
+    prep = _Prepare()
+    try:
+        edge = to_edge_transform_and_lower(qep, transform_passes=[prep], partitioner=[XnnpackPartitioner()])
+        n, left = delegation(edge.exported_program())
+        inv = linear_inventory(edge.exported_program())
+        pte = edge.to_executorch()
+    except Exception as e:  # the lowering stack raises many types
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CrateEdgeError(f"executorch int8 lowering failed ({type(e).__name__}: {msg[:200]})") from e
+    if target.dynamic_batch is not None and not _batch_is_dynamic(edge.exported_program()):
+        raise CrateEdgeError(f"executorch int8 lowering pinned the batch to {len(example)} instead of keeping it dynamic "
+                             f"{list(target.dynamic_batch)}; set [input] dynamic_batch = false in the target")
+    n_int8 = inv.get("int8_static_act", 0) + inv.get("int8_dynamic_act", 0)
+    if n_int8 != len(plan.sites):
+        raise CrateEdgeError(f"executorch int8: XNNPACK took {n_int8} int8 linears, expected one per site ({len(plan.sites)}); "
+                             f"left outside the delegates: {left}")
+    (out / PROGRAM).write_bytes(pte.buffer)
+    batch = f"dynamic {list(target.dynamic_batch)}" if target.dynamic_batch else f"static {len(example)}"
+    w = "per-channel" if qc.weights == "per_channel" else "per-tensor"
+    a = "per-tensor static" if mode == "static" else "per-row dynamic"
+    info = {"partitioner": f"XnnpackPartitioner (int8 {'qs8' if mode == 'static' else 'qd8'} linears + fp32)", "batch": batch,
+            "xnnpack_delegates": n, "outside_delegates": left, "edge_passes": prep.counts,
+            "int8": {"activations": mode, "observer": label, "quantized_sites": len(annotated),
+                     "delegated_linears": inv, "program_bytes": len(pte.buffer)}}
+    return Compiled(files=[PROGRAM], precision={"linear sites": f"int8 ({w} w, {a} a)", "*": "fp32"}, info=info,
+                    verified={"execution": "ExecuTorch runtime (XNNPACK + portable kernels) on this machine",
+                              "int8 linears": f"{n_int8} of the delegated linears take int8 weights (one per site)"})
+
+
 # ------------------------------------------------------------------ backend
 
 def set_threads(n: int) -> None:
@@ -150,7 +405,9 @@ class ExecuTorchBackend(Backend):
     def dists(self):
         return ["executorch"]
 
-    def compile(self, module, ep, example, target, out: Path) -> Compiled:
+    def compile(self, module, ep, example, target, out: Path, quant=None) -> Compiled:
+        if quant is not None:
+            return compile_int8(module, ep, example, target, out, quant)
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
         from executorch.exir import to_edge_transform_and_lower
 

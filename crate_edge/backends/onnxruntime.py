@@ -1,15 +1,38 @@
 """ONNX Runtime: torch.export -> ONNX (dynamo exporter) -> onnxruntime (CPU; CUDA where present).
-The reference-quality executor users compare against."""
+The reference-quality executor users compare against.
+
+int8 targets (a [quantize] table, scheme int8): the fp32 ONNX export is quantized with
+onnxruntime.quantization.quantize_static into a QDQ network under crate-edge's CRATE policy
+(crate_edge.quantize): only the MatMul/Gemm nodes that implement plan.sites get Q/DQ on their
+inputs (weights per output channel, activations per tensor, calibrated on plan.calibration);
+their outputs stay float, and every other consumer of a quantized activation (the ISTA identity
+path y in `ista = "update"`) is rewired to the float tensor, so Attention, LayerNormalization,
+Softmax, the adds and the ReLU run in fp32. ORT's CPU provider fuses DQ -> MatMul into
+MatMulIntegerToFloat (int8 GEMM, float output). The option `quantize_all_ops = true` drops the
+policy (every op type ORT can quantize, shared Q/DQ pairs, quantized outputs): a deliberately
+bad baseline for the parity suite.
+"""
 from __future__ import annotations
 
+import ast
+import contextlib
+import io
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..errors import CrateEdgeError
 from .base import Backend, Compiled
 
 MODEL = "model.onnx"
+GEMM_OPS = ("MatMul", "Gemm")
+NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # node metadata the dynamo exporter writes
+# Entropy calibration: ORT's defaults (128 histogram bins, 128 quantized bins) leave exactly one
+# candidate threshold, the max, so "entropy" would silently be "max". We use TensorRT's 2048
+# bins; ORT's histogram is signed (-t..t), so 255 quantized bins = TensorRT's 128 on |x|.
+ENTROPY_QBINS = 255
 
 
 def export_onnx(ep, example, path: Path, opset: int) -> None:
@@ -59,6 +82,244 @@ def ort_runner(path: Path, threads: int | None = None, providers: list[str] | No
     return lambda x: sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})
 
 
+# ------------------------------------------------------------------ quantization helpers
+# (shared with the TensorRT backend, which builds its own explicit Q/DQ network)
+
+def node_scope(node) -> str | None:
+    """The innermost module path a dynamo-exported node came from. Its name-scope metadata is
+    the module path hierarchy ending with the FX node name, e.g. ['', 'mlp_head', 'mlp_head.1',
+    'linear_19'] for the classifier's Linear; the entry before the FX node name is the module."""
+    for p in node.metadata_props:
+        if p.key == NAME_SCOPES:
+            try:
+                scopes = ast.literal_eval(p.value)
+            except (ValueError, SyntaxError):
+                return None
+            return scopes[-2] if isinstance(scopes, list) and len(scopes) >= 2 else None
+    return None
+
+
+def site_nodes(graph, sites: dict[str, str], prefix: str = "") -> dict[str, str]:
+    """site name -> name of the one MatMul/Gemm node that implements it. A site's module path
+    (e.g. "transformer.layers.3.1.fn.update") is matched against each GEMM node's innermost
+    name scope (`prefix` + path: a wrapper module's attribute, e.g. "module.")."""
+    by_path: dict[str, list[str]] = {}
+    for n in graph.node:
+        if n.op_type in GEMM_OPS:
+            s = node_scope(n)
+            if s is not None:
+                by_path.setdefault(s, []).append(n.name)
+    out, missing = {}, []
+    for site, path in sites.items():
+        found = by_path.get(prefix + path, [])
+        if len(found) != 1:
+            missing.append(f"{site} ({prefix + path}: {len(found)} GEMM nodes)")
+        else:
+            out[site] = found[0]
+    if missing:
+        raise CrateEdgeError("cannot map quantization sites to exactly one ONNX MatMul/Gemm each: " + ", ".join(missing))
+    return out
+
+
+def _ort_method(qc):
+    from onnxruntime.quantization import CalibrationMethod
+
+    return {"max": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+            "entropy": CalibrationMethod.Entropy}[qc.calibration]
+
+
+class AmaxCalibrator:
+    """Symmetric per-tensor activation ranges |x| <= amax with the calibrator the config names,
+    fed batch by batch, computed by onnxruntime.quantization's own collectors (the ones
+    quantize_static uses): max (MinMax), percentile (qc.percentile of |x|, 2048 bins) or entropy
+    (KL divergence, TensorRT's method; 2048 bins, see ENTROPY_QBINS)."""
+
+    def __init__(self, qc):
+        self.method = qc.calibration
+        self.amax: dict[str, float] = {}
+        self.col = None
+        if self.method != "max":
+            from onnxruntime.quantization.calibrate import HistogramCollector
+
+            method = "percentile" if self.method == "percentile" else "entropy"
+            self.col = HistogramCollector(method=method, symmetric=True, num_bins=2048, num_quantized_bins=ENTROPY_QBINS,
+                                          percentile=float(qc.percentile), scenario="same")
+
+    def add(self, name: str, x) -> None:
+        a = np.asarray(x, dtype=np.float32)
+        self.amax[name] = max(self.amax.get(name, 0.0), float(np.abs(a).max()))
+        if self.col is not None:
+            with contextlib.redirect_stdout(io.StringIO()):  # the collector prints progress
+                self.col.collect({name: [a]})
+
+    def result(self) -> dict[str, float]:
+        if self.col is None:
+            return dict(self.amax)
+        with contextlib.redirect_stdout(io.StringIO()):
+            res = self.col.compute_collection_result()
+        return {k: float(max(abs(float(r[0])), abs(float(r[1])))) for k, r in res.items()}
+
+
+def _reader(name: str, x: torch.Tensor, bs: int = 32):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.i = 0
+
+        def get_next(self):
+            if self.i >= len(x):
+                return None
+            b = x[self.i : self.i + bs].numpy().astype(np.float32)
+            self.i += bs
+            return {name: b}
+
+        def rewind(self):
+            self.i = 0
+
+    return Reader()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """ORT's quantizer logs a pre-processing hint at WARNING on the root logger."""
+    import logging
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _calibrate(fp32_path: Path, op_types, plan, input_name: str, work: Path, cache: Path, symmetric: bool) -> None:
+    """Tensor ranges for quantize_static with ORT's calibrators, written to its calibration cache
+    (quantize_static itself cannot be given the entropy calibrator's bin counts)."""
+    from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
+
+    qc = plan.config
+    opts: dict = {}
+    if qc.calibration == "max":
+        opts["symmetric"] = symmetric
+    elif qc.calibration == "percentile":
+        opts.update(symmetric=True, percentile=float(qc.percentile), num_bins=2048)
+    else:
+        opts.update(symmetric=True, num_bins=2048, num_quantized_bins=ENTROPY_QBINS)
+    cal = create_calibrator(Path(fp32_path), op_types, augmented_model_path=str(work / "augmented.onnx"),
+                            calibrate_method=_ort_method(qc), extra_options=opts)
+    cal.collect_data(_reader(input_name, plan.calibration))
+    save_tensors_data(cal.compute_data(), cache)
+    del cal
+
+
+def _restore_float_consumers(model, quantized_nodes: set[str]) -> int:
+    """ORT points *every* consumer of a quantized activation at its DequantizeLinear output.
+    Rewire the consumers outside `quantized_nodes` (e.g. the ISTA identity add) to the float
+    tensor the QuantizeLinear read. Returns how many inputs were rewired."""
+    inits = {i.name for i in model.graph.initializer}
+    prod = {o: n for n in model.graph.node for o in n.output}
+    fixed = 0
+    for n in model.graph.node:
+        if n.name in quantized_nodes or n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        for i, t in enumerate(n.input):
+            dq = prod.get(t)
+            if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] in inits:
+                continue
+            q = prod.get(dq.input[0])
+            if q is not None and q.op_type == "QuantizeLinear":
+                n.input[i] = q.input[0]
+                fixed += 1
+    return fixed
+
+
+def qdq_summary(path_or_model) -> dict:
+    """What a QDQ network quantizes: per consumer op type, how many of its inputs come from a
+    DequantizeLinear (activation vs weight), and which nodes."""
+    import onnx
+
+    m = onnx.load(str(path_or_model)) if isinstance(path_or_model, (str, Path)) else path_or_model
+    inits = {i.name: i for i in m.graph.initializer}
+    prod = {o: n for n in m.graph.node for o in n.output}
+    by_op: dict[str, dict[str, int]] = {}
+    nodes = []
+    for n in m.graph.node:
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            continue
+        kinds = []
+        for t in n.input:
+            p = prod.get(t)
+            if p is not None and p.op_type == "DequantizeLinear":
+                src = inits.get(p.input[0])
+                kinds.append("activation" if src is None else "bias" if src.data_type == onnx.TensorProto.INT32 else "weight")
+        if kinds:
+            d = by_op.setdefault(n.op_type, {"nodes": 0, "activation_inputs": 0, "weight_inputs": 0, "bias_inputs": 0})
+            d["nodes"] += 1
+            for k in ("activation", "weight", "bias"):
+                d[f"{k}_inputs"] += kinds.count(k)
+            nodes.append(n.name)
+    return {"by_op": dict(sorted(by_op.items())), "nodes": nodes}
+
+
+def quantize_int8_qdq(fp32_path: Path, out_path: Path, plan, opts: dict, input_name: str = "images") -> dict:
+    """quantize_static on the fp32 export under the CRATE policy (module docstring); returns
+    what was done, for the manifest."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+
+    qc = plan.config
+    act = str(opts.get("activation_type", "uint8"))
+    if act not in ("uint8", "int8"):
+        raise CrateEdgeError(f"onnxruntime int8: options.activation_type = {act!r}; allowed: uint8, int8")
+    wt = str(opts.get("weight_type", "int8"))
+    if wt not in ("uint8", "int8"):
+        raise CrateEdgeError(f"onnxruntime int8: options.weight_type = {wt!r}; allowed: uint8, int8")
+    qt = {"uint8": QuantType.QUInt8, "int8": QuantType.QInt8}
+    reduce_range = bool(opts.get("reduce_range", False))
+    all_ops = bool(opts.get("quantize_all_ops", False))
+    per_channel = qc.weights == "per_channel"
+    sym = bool(opts.get("activation_symmetric", act == "int8"))
+    extra = {"ActivationSymmetric": sym, "WeightSymmetric": True}
+    model = onnx.load(str(fp32_path))
+    if all_ops:  # the deliberately bad baseline: every op type ORT quantizes, plus Attention
+        from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+        present = {n.op_type for n in model.graph.node}
+        op_types = sorted((set(QDQRegistry) | set(QLinearOpsRegistry) | {"Attention", "LayerNormalization", "Softmax"}) & present)
+        nodes = None
+        site_map = {}
+    else:
+        site_map = site_nodes(model.graph, plan.sites)
+        op_types = list(GEMM_OPS)
+        nodes = sorted(site_map.values())
+        extra["OpTypesToExcludeOutputQuantization"] = list(GEMM_OPS)  # GEMM outputs stay float
+    with tempfile.TemporaryDirectory(prefix="crate-ort-q-") as td, contextlib.redirect_stdout(io.StringIO()), _quiet():
+        tmp, cache = Path(td) / "q.onnx", Path(td) / "ranges.json"
+        _calibrate(fp32_path, op_types, plan, input_name, Path(td), cache, sym)
+        quantize_static(str(fp32_path), str(tmp), None, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=op_types, per_channel=per_channel, reduce_range=reduce_range,
+                        activation_type=qt[act], weight_type=qt[wt], nodes_to_quantize=nodes,
+                        calibrate_method=_ort_method(qc), extra_options=extra, calibration_cache_path=str(cache))
+        q = onnx.load(str(tmp))
+    rewired = 0 if all_ops else _restore_float_consumers(q, set(site_map.values()))
+    onnx.save(q, str(out_path))
+    summ = qdq_summary(q)
+    if not all_ops:
+        stray = sorted(set(summ["nodes"]) - set(site_map.values()))
+        if stray:
+            raise CrateEdgeError(f"onnxruntime int8: Q/DQ reached non-site nodes {', '.join(stray[:5])}")
+        unq = sorted(s for s, n in site_map.items() if n not in summ["nodes"])
+        if unq:
+            raise CrateEdgeError(f"onnxruntime int8: sites left unquantized: {', '.join(unq)}")
+    return {"tool": "onnxruntime.quantization.quantize_static (QDQ)", "activation_type": act, "weight_type": wt,
+            "activation_symmetric": sym, "reduce_range": reduce_range, "per_channel": per_channel,
+            "calibration_method": _ort_method(qc).name, "policy": "all_ops (deliberately bad)" if all_ops else "crate",
+            "op_types_quantized": op_types, "site_nodes": site_map, "float_inputs_restored": rewired,
+            "qdq_consumers": summ["by_op"]}
+
+
 class ONNXRuntimeBackend(Backend):
     name = "onnxruntime"
     packages = ("onnx", "onnxscript", "onnxruntime")
@@ -68,11 +329,32 @@ class ONNXRuntimeBackend(Backend):
     def dists(self):
         return ["onnx", "onnxscript", "onnxruntime"]
 
-    def compile(self, module, ep, example, target, out: Path) -> Compiled:
+    def compile(self, module, ep, example, target, out: Path, quant=None) -> Compiled:
         opset = int(target.options.get("opset", 18))
-        export_onnx(ep, example, out / MODEL, opset)
+        if quant is None:
+            if target.precision not in ("fp32",):
+                raise CrateEdgeError(f"target {target.name}: precision {target.precision} needs a [quantize] table (scheme int8)")
+            export_onnx(ep, example, out / MODEL, opset)
+            ops = op_inventory(out / MODEL)
+            return Compiled(files=[MODEL], precision={"*": "fp32"}, info={"opset": opset, "ops": ops},
+                            verified={"execution": "onnxruntime on this machine"})
+        qc = quant.config
+        if qc.scheme != "int8" or qc.activations != "static":
+            raise CrateEdgeError(f"target {target.name}: onnxruntime quantizes scheme int8 with static activations only "
+                                 f"(got scheme {qc.scheme}, activations {qc.activations})")
+        opts = {**target.options, **qc.options}
+        with tempfile.TemporaryDirectory(prefix="crate-ort-") as td:
+            fp32 = Path(td) / "fp32.onnx"
+            export_onnx(ep, example, fp32, opset)
+            qinfo = quantize_int8_qdq(fp32, out / MODEL, quant, opts)
         ops = op_inventory(out / MODEL)
-        return Compiled(files=[MODEL], precision={"*": "fp32"}, info={"opset": opset, "ops": ops},
+        if qinfo["policy"] == "crate":
+            prec = {"*": "fp32 (LayerNorm, Attention with its softmax, residual adds, ISTA identity path, threshold, ReLU)"}
+            prec.update({s: f"int8 GEMM (weights {qc.weights}, activations per_tensor {qinfo['activation_type']})"
+                         for s in qinfo["site_nodes"]})
+        else:
+            prec = {"*": "int8 wherever onnxruntime quantizes (quantize_all_ops: " + ", ".join(qinfo["op_types_quantized"]) + ")"}
+        return Compiled(files=[MODEL], precision=prec, info={"opset": opset, "ops": ops, "quantized": qinfo},
                         verified={"execution": "onnxruntime on this machine"})
 
     def load(self, art_dir: Path, manifest: dict):

@@ -1,0 +1,85 @@
+"""Issue 4's accuracy budgets, measured: every reduced-precision target that compiles here, on
+the embedded reference model, against the eager fp32 model over the Fashion-MNIST test set.
+
+    python bench/quant_accuracy.py [--targets T ...] [--limit N] [--out bench/results/quant]
+
+Each target is compiled as a probe build (per-layer outputs), then `crate_edge.parity.parity`
+measures all of them in one pass with each target's own [parity] tolerances (for int8 targets:
+top-1 drop <= 0.3 points, ISTA support IoU >= 0.90 per layer, coding rate within 2% per layer;
+fp16: top-1 agreement >= 99.5%). Writes parity.json / .md / .png (per-layer curves of the
+reference against every target) and summary.md to --out. Exits 1 if any target misses its budget.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import crate_edge  # noqa: E402
+from crate_edge.backends import get_backend  # noqa: E402
+from crate_edge.errors import CrateEdgeError  # noqa: E402
+from crate_edge.parity import parity  # noqa: E402
+from crate_edge.targets import list_targets, load_target  # noqa: E402
+
+
+def reduced_targets() -> list[str]:
+    return [n for n in list_targets() if load_target(n).precision != "fp32" or load_target(n).quantize]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--targets", nargs="*", default=None, help="default: every reduced-precision target")
+    ap.add_argument("--data", default="fashion-mnist")
+    ap.add_argument("--limit", type=int, default=None, help="images (default: the whole test split)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quant"))
+    ap.add_argument("--artifacts", default=str(ROOT / "artifacts" / "quant"))
+    a = ap.parse_args()
+
+    model = crate_edge.load_model()
+    arts, skipped = [], {}
+    for name in a.targets or reduced_targets():
+        t = load_target(name)
+        ok, why = get_backend(t.backend).available()
+        if not ok:
+            skipped[name] = why
+            print(f"[skip] {name}: {why}", file=sys.stderr)
+            continue
+        t0 = time.time()
+        try:
+            art = crate_edge.compile(model, name, out=Path(a.artifacts) / name, probe=True, keep_failed=True)
+        except CrateEdgeError as e:
+            skipped[name] = f"compile failed: {e}"
+            print(f"[skip] {name}: {e}", file=sys.stderr)
+            continue
+        print(f"[{name}] compiled in {time.time() - t0:.0f} s ({art.executor})", file=sys.stderr)
+        arts.append(art)
+    if not arts:
+        print("no reduced-precision target compiles here", file=sys.stderr)
+        return 1
+    rep = parity(arts, reference=model, data=a.data, limit=a.limit, progress=True)
+    out = rep.write(a.out)
+    lines = [f"Embedded reference model, {rep.n} images of {rep.data}; reference (eager fp32) top-1 "
+             f"{100 * rep.reference['top1']:.2f}%.", "",
+             "| target | executor | top-1 | drop (points) | agreement | min layer IoU | max layer R^c rel | budget |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    for r in rep.results:
+        lg, ls = r.logits, r.layers or []
+        iou = min((d["support_iou_mean"] for d in ls), default=float("nan"))
+        cr = max((d["coding_rate_rel"] for d in ls), default=float("nan"))
+        lines.append(f"| {r.target} | {r.executor} | {100 * lg['artifact_top1']:.2f}% | {100 * lg['top1_drop']:+.2f} | "
+                     f"{100 * lg['top1_agreement']:.2f}% | {iou:.3f} | {100 * cr:.2f}% | "
+                     f"{'pass' if r.passed else 'FAIL: ' + r.message()} |")
+    for k, v in skipped.items():
+        lines.append(f"| {k} | skipped: {v} | | | | | | |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    print(rep.table())
+    print("\n".join(lines))
+    return 0 if rep.passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
