@@ -232,6 +232,44 @@ def compile_cmd(target, model, out, probe, parity_data, keep_failed, heads, pool
                + (f"; not verified here: {', '.join(nv)}" if nv else ""))
 
 
+@main.command("quantize")
+@click.option("--target", "-t", required=True, help="A reduced-precision target (one with a [quantize] table).")
+@click.option("--model", "-m", default="embedded", show_default=True, help="crate-edge model dir/.safetensors or upstream checkpoint.")
+@click.option("--out", "-o", default=None, type=click.Path(file_okay=False), help="Artifact directory (default artifacts/<target>).")
+@click.option("--data", default="fashion-mnist:train", show_default=True, help="Images the budget is measured on.")
+@click.option("--limit", default=2000, show_default=True, help="How many of them.")
+@click.option("--budget", "budget", multiple=True, metavar="KEY=VALUE",
+              help="Budget override, e.g. max_top1_drop=0.003 min_support_iou=0.9 max_coding_rate_rel=0.02 (repeatable).")
+@_model_options
+def quantize_cmd(target, model, out, data, limit, budget, heads, pool):
+    """Accuracy-driven quantization: raise the most sensitive blocks to float until the budget
+    holds; writes the artifact and OUT.search.json (every attempt). Exits 1 if nothing passes
+    (the best configuration is saved anyway).
+
+    Python: crate_edge.quantize.search(model, target, out, budget=...)"""
+    from .quantize import search
+
+    bud = {}
+    for kv in budget:
+        k, sep, v = kv.partition("=")
+        try:
+            bud[k.strip()] = float(v)
+        except ValueError:
+            raise CrateEdgeError(f"--budget {kv!r}: expected KEY=NUMBER") from None
+        if not sep:
+            raise CrateEdgeError(f"--budget {kv!r}: expected KEY=NUMBER")
+    m = _load(model, heads, pool)
+    try:
+        r = search(m, target, out, budget=bud or None, data=data, limit=limit, log=lambda s: click.echo(s, err=True))
+    except CrateEdgeError as e:
+        if "no configuration met the budget" in str(e):
+            click.echo(f"quantize FAILED: {e}", err=True)
+            sys.exit(1)
+        raise
+    click.echo(f"{r['artifact']}: float blocks {r['chosen_float_layers'] or 'none'} after {len(r['attempts'])} attempt(s); "
+               f"log {r['artifact']}.search.json")
+
+
 @main.command("run")
 @click.argument("artifact", type=click.Path(file_okay=False))
 @click.option("--data", default="embedded", show_default=True, help="Dataset spec.")

@@ -59,3 +59,14 @@ def test_impossible_budget_raises_blocks_by_sensitivity_and_saves_the_best(tmp_p
         cand = {l: s for l, s in enumerate(prev["sensitivity_db"]) if l not in prev["float_layers"]}
         assert added == {max(cand, key=cand.get)}
     assert (out / "manifest.json").exists()  # the best found is saved anyway
+
+
+def test_cli_bad_input_is_one_line(tmp_path):
+    from click.testing import CliRunner
+
+    from crate_edge.cli import main
+
+    for args, msg in [(["--target", "onnxruntime"], "no [quantize] table"), (["--target", "onnxruntime-int8", "--budget", "x"], "KEY=NUMBER"),
+                      (["--target", "nope"], "unknown target")]:
+        r = CliRunner().invoke(main, ["quantize", *args, "--out", str(tmp_path / "a")])
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
