@@ -182,16 +182,9 @@ def load_runtime(art_dir, manifest: dict, threads: int | None = None):
     hi = (manifest["input"].get("batch_range") or [1, 1 << 30])[1]
     try:
         if be == "onnxruntime":
-            import onnxruntime as ort
+            from .runtimes import ort_session
 
-            so = ort.SessionOptions()
-            if threads:
-                so.intra_op_num_threads = int(threads)
-                so.inter_op_num_threads = 1
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            avail = ort.get_available_providers()
-            provs = [p for p in (opts.get("providers") or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in avail]
-            sess = ort.InferenceSession(str(d / "model.onnx"), so, providers=provs or ["CPUExecutionProvider"])
+            sess = ort_session(d / "model.onnx", threads, opts.get("providers"))
             name = sess.get_inputs()[0].name
             run = lambda x: sess.run(None, {name: x})  # noqa: E731
             return _split_batches(run, hi), f"onnxruntime ({sess.get_providers()[0]})"
@@ -230,40 +223,14 @@ def load_runtime(art_dir, manifest: dict, threads: int | None = None):
 
 def _tvm_local(d: Path, manifest: dict, threads: int | None):
     import tvm
-    from tvm.runtime import vm as rvm
+
+    from .runtimes import tvm_vm_runner
 
     device = manifest["backend"].get("device", "cpu")
-    if threads:
-        f = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
-        if f is not None:
-            f(0, int(threads))
-    dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
-    if device == "cuda" and not dev.exist:
+    if device == "cuda" and not tvm.cuda(0).exist:
         raise CrateEdgeError(f"{d} is a TVM CUDA build and this machine has no CUDA GPU")
-    lib = tvm.runtime.load_module(str(d / "model.so"))
-    vm = rvm.VirtualMachine(lib, dev)
-    main = vm["main"]
-    static = manifest["backend"].get("static_batch")
 
-    def once(x):
-        out = main(tvm.runtime.tensor(x, dev))
-        outs = [out[i] for i in range(len(out))] if not hasattr(out, "numpy") else [out]
-        return [o.numpy() for o in outs]
-
-    def run(x):
-        if static is None or len(x) == static:
-            return once(x)
-        parts = []
-        for i in range(0, len(x), static):
-            c = x[i : i + static]
-            n = len(c)
-            if n < static:
-                c = np.concatenate([c, np.zeros((static - n, *c.shape[1:]), c.dtype)])
-            parts.append([o[:n] for o in once(c)])
-        return [np.concatenate(p) for p in zip(*parts)]
-
-    run._keep = (lib, vm)
-    return run
+    return tvm_vm_runner(d / "model.so", device, manifest["backend"].get("static_batch"), threads)
 
 
 # ------------------------------------------------------------------ TVM RPC

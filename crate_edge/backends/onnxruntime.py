@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import CrateEdgeError
+from ..runtimes import ort_session  # noqa: F401  (re-exported)
 from .base import Backend, Compiled
 
 MODEL = "model.onnx"
@@ -61,19 +62,6 @@ def op_inventory(path: Path) -> dict[str, int]:
                     walk(a.g)
     walk(m.graph)
     return dict(sorted(counts.items()))
-
-
-def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    avail = ort.get_available_providers()
-    provs = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in avail] or ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), so, providers=provs)
 
 
 def ort_runner(path: Path, threads: int | None = None, providers: list[str] | None = None):

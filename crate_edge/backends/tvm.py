@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import BackendUnavailable, CrateEdgeError
+from ..runtimes import tvm_vm_runner
 from .base import Backend, Compiled
 
 LIBRARY = "model.so"
@@ -755,40 +756,7 @@ def _has_gpu() -> bool:
         return False
 
 
-def vm_runner(lib_path: Path, device: str, static_batch: int | None = None, threads: int | None = None):
-    """numpy float32 NCHW -> [logits, ...] through the Relax VM (TVM runtime only). A library
-    built for one static batch gets inputs padded/split to that batch."""
-    import tvm
-    from tvm.runtime import vm as rvm
-
-    if threads:
-        f = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
-        if f is not None:
-            f(0, int(threads))
-    lib = tvm.runtime.load_module(str(lib_path))
-    dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
-    vm = rvm.VirtualMachine(lib, dev)
-    main = vm["main"]
-
-    def once(x):
-        out = main(tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), dev))
-        outs = [out[i] for i in range(len(out))] if not hasattr(out, "numpy") else [out]
-        return [o.numpy() for o in outs]
-
-    def run(x: np.ndarray):
-        if static_batch is None or len(x) == static_batch:
-            return once(x)
-        parts = []
-        for i in range(0, len(x), static_batch):
-            c = x[i : i + static_batch]
-            n = len(c)
-            if n < static_batch:
-                c = np.concatenate([c, np.zeros((static_batch - n, *c.shape[1:]), c.dtype)])
-            parts.append([o[:n] for o in once(c)])
-        return [np.concatenate(p) for p in zip(*parts)]
-
-    run._keep = (lib, vm)  # the VM must not outlive its library
-    return run
+vm_runner = tvm_vm_runner  # the Relax VM runner lives in crate_edge.runtimes (torch-free)
 
 
 class TVMBackend(Backend):

@@ -1,0 +1,57 @@
+"""Runtime-only loaders that import no torch, shared by the backends and by `crate-edge bench`'s
+worker processes (which run on devices where only the artifact's runtime is installed)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None):
+    """An ONNX Runtime session (CUDA provider first where present, else CPU)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    avail = ort.get_available_providers()
+    provs = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in avail] or ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(path), so, providers=provs)
+
+
+def tvm_vm_runner(lib_path: Path, device: str, static_batch: int | None = None, threads: int | None = None):
+    """numpy float32 NCHW -> [logits, ...] through the Relax VM (TVM runtime only). A library
+    built for one static batch gets inputs padded/split to that batch."""
+    import tvm
+    from tvm.runtime import vm as rvm
+
+    if threads:
+        f = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+        if f is not None:
+            f(0, int(threads))
+    lib = tvm.runtime.load_module(str(lib_path))
+    dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
+    vm = rvm.VirtualMachine(lib, dev)
+    main = vm["main"]
+
+    def once(x):
+        out = main(tvm.runtime.tensor(np.ascontiguousarray(x, dtype=np.float32), dev))
+        outs = [out[i] for i in range(len(out))] if not hasattr(out, "numpy") else [out]
+        return [o.numpy() for o in outs]
+
+    def run(x: np.ndarray):
+        if static_batch is None or len(x) == static_batch:
+            return once(x)
+        parts = []
+        for i in range(0, len(x), static_batch):
+            c = x[i : i + static_batch]
+            n = len(c)
+            if n < static_batch:
+                c = np.concatenate([c, np.zeros((static_batch - n, *c.shape[1:]), c.dtype)])
+            parts.append([o[:n] for o in once(c)])
+        return [np.concatenate(p) for p in zip(*parts)]
+
+    run._keep = (lib, vm)  # the VM must not outlive its library
+    return run
