@@ -110,7 +110,7 @@ def compile(model=None, target: str | Target = "onnxruntime", out: str | os.Path
 
     with atomic_dir(out) as tmp:
         say(f"[{t.name}] lowering with {be.name}")
-        comp = be.compile(module, ep, example, t, tmp, quant=plan) if plan is not None else be.compile(module, ep, example, t, tmp)
+        comp = be.compile(module, ep, example, t, tmp, quant=plan)
         depth = cfg.depth
         manifest: dict[str, Any] = {
             "format": ARTIFACT_FORMAT, "version": 1,

@@ -116,7 +116,7 @@ def test_interrupted_compile_leaves_no_artifact(micro, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     from crate_edge.backends.onnxruntime import ONNXRuntimeBackend
 
-    def boom(self, module, ep, example, target, out):
+    def boom(self, module, ep, example, target, out, quant=None):
         (out / "model.onnx").write_bytes(b"half written")
         raise KeyboardInterrupt
 

@@ -161,23 +161,12 @@ def calibrate_inputs(module: torch.nn.Module, sites: dict[str, str], images: tor
     fp32 on the (float) module handed to the backend: site -> a."""
     if method not in ("max", "percentile"):
         raise CrateEdgeError(f"coreml: activation calibration {method!r} is not supported; use max or percentile")
+    from ..quantize import feed_site_inputs
+
     store: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
-    hooks = []
-    for s, path in sites.items():
-        def hook(_m, args, s=s):
-            store[s].append(args[0].detach().abs().flatten().float())
-        hooks.append(module.get_submodule(path).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for i in range(0, len(images), batch):
-                module(images[i : i + batch])
-    finally:
-        for h in hooks:
-            h.remove()
+    feed_site_inputs(module, sites, images, lambda s, x: store[s].append(x.abs().flatten().float()), batch)
     out = {}
     for s, parts in store.items():
-        if not parts:
-            raise CrateEdgeError(f"calibration: site {s} was never executed")
         a = torch.cat(parts)
         if method == "max":
             out[s] = float(a.max())

@@ -76,18 +76,10 @@ def calibrate_sites(module, plan, bs: int = 32) -> dict[str, float]:
     pre-hooks on the site modules), with the calibrator the config names."""
     from .onnxruntime import AmaxCalibrator
 
+    from ..quantize import feed_site_inputs
+
     cal = AmaxCalibrator(plan.config)
-    hooks = []
-    for site, path in plan.sites.items():
-        mod = module.get_submodule(path)
-        hooks.append(mod.register_forward_pre_hook(lambda m, args, s=site: cal.add(s, args[0].detach().float().numpy())))
-    try:
-        with torch.no_grad():
-            for i in range(0, len(plan.calibration), bs):
-                module(plan.calibration[i : i + bs].float())
-    finally:
-        for h in hooks:
-            h.remove()
+    feed_site_inputs(module, plan.sites, plan.calibration.float(), lambda s, x: cal.add(s, x.float().numpy()), bs)
     amax = cal.result()
     missing = sorted(set(plan.sites) - set(amax))
     if missing:

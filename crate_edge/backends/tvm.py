@@ -519,22 +519,15 @@ def calibrate(module, plan) -> dict[str, float]:
     counts = dict.fromkeys(plan.sites, 0)
     frac = 1.0 - float(qc.percentile) / 100.0 if qc.calibration == "percentile" else 0.0
 
-    def hook(site):
-        def f(_mod, args):
-            a = args[0].detach().abs().flatten().float()
-            counts[site] += a.numel()
-            k = min(a.numel(), int(math.ceil(a.numel() * nb * frac)) + 1)
-            tops[site].append(torch.topk(a, k).values)
-        return f
+    def observe(site, x):
+        a = x.abs().flatten().float()
+        counts[site] += a.numel()
+        k = min(a.numel(), int(math.ceil(a.numel() * nb * frac)) + 1)
+        tops[site].append(torch.topk(a, k).values)
 
-    hs = [module.get_submodule(p).register_forward_pre_hook(hook(s)) for s, p in plan.sites.items()]
-    try:
-        with torch.no_grad():
-            for i in range(0, len(x), bs):
-                module(x[i : i + bs])
-    finally:
-        for h in hs:
-            h.remove()
+    from ..quantize import feed_site_inputs
+
+    feed_site_inputs(module, plan.sites, x, observe, bs)
     scales = {}
     for s in plan.sites:
         v = torch.sort(torch.cat(tops[s]), descending=True).values
