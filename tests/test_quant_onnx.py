@@ -116,7 +116,11 @@ def test_trt_qdq_network(model, trt_q):
     inits = {i.name: i for i in g.initializer}
     feeds = _dq_feeds(g)
     consumers = [n for n, _ in feeds.values()]
-    assert {n.op_type for n in consumers} <= {"MatMul", "Gemm"} and len(consumers) == _n_sites(model)
+    sites = m["quantization"]["sites"]
+    assert {n.op_type for n in consumers} <= {"MatMul", "Gemm"} and len(consumers) == len(sites)
+    # int8: every site; fp8: the blocks' GEMMs only (the target keeps the patch embedding and head fp16)
+    assert len(sites) == (_n_sites(model) if scheme == "int8" else 3 * model.cfg.depth)
+    assert scheme == "int8" or not {"embed", "head"} & set(sites)
     prod = {o: n for n in g.node for o in n.output}
     for n, kinds in feeds.values():
         assert sorted(k for k, _ in kinds) == ["activation", "weight"], n.name
