@@ -19,8 +19,10 @@ How it measures:
     it includes compilation);
   * timing in interleaved rounds: after a warm-up, every round gives each contender its share
     of the iterations in turn (the order rotates per round), so drift on a shared machine hits
-    all contenders alike. Percentiles over all timed calls; throughput = batch / p50;
-    ratios against eager upstream's p50;
+    all contenders alike. Before each block the run waits until every worker is idle (thread
+    pools spin for a while after their last job and would steal the next contender's cores),
+    and records how much CPU the idle workers still used during the block (others_cpu_per_s).
+    Percentiles over all timed calls; throughput = batch / p50; ratios against eager upstream's p50;
   * every contender's logits on the same input are compared with eager upstream's (max |diff|,
     top-1 agreement), so a fast wrong contender shows;
   * TVM RPC (rpc="host:port", rpc_key= for a tracker): the TVM artifacts' model.so is uploaded
@@ -496,6 +498,34 @@ class _Proc:
         self.errf.close()
 
 
+def _cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process, all threads (Linux /proc; None elsewhere)."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _quiesce(procs: dict, quiet_s: float = 0.1, timeout: float = 3.0) -> float:
+    """Wait until no worker process uses CPU for `quiet_s` (at most `timeout` s); returns the wait.
+    Thread pools (ONNX Runtime, XNNPACK's pthreadpool, OpenMP, TVM) spin for a while after their
+    last job; on a small machine a contender timed while another one's pool still spins loses
+    cores to it (measured here: ExecuTorch fp32 at 40-58 ms instead of 24-30 ms)."""
+    t0 = time.perf_counter()
+    pids = [p.p.pid for p in procs.values()]
+    prev = [_cpu_s(q) for q in pids]
+    if any(v is None for v in prev):
+        return 0.0
+    while time.perf_counter() - t0 < timeout:
+        time.sleep(quiet_s)
+        cur = [_cpu_s(q) for q in pids]
+        if cur == prev:
+            break
+        prev = cur
+    return time.perf_counter() - t0
+
+
 # ------------------------------------------------------------------ the benchmark
 
 @dataclass
@@ -773,12 +803,20 @@ def bench(artifacts, batch=(1,), threads: int | None = None, warmup: int = 3, it
                 q, rem = divmod(iters, rounds)
                 per = {n: [q + (1 if i < rem else 0) for i in range(rounds)] for n in live}
             times: dict[str, list[float]] = {n: [] for n in live}
+            busy = {n: [0.0, 0.0] for n in live}  # CPU s other workers used while n was timed, wall s of n's blocks
             for i in range(rounds):
                 order = live[i % len(live):] + live[: i % len(live)] if live else []
                 for n in order:
                     if n not in live or per[n][i] == 0:
                         continue
+                    _quiesce(procs)
+                    others = {q: _cpu_s(p.p.pid) for q, p in procs.items() if q != n}
+                    t_block = time.perf_counter()
                     r = procs[n].ask(op="time", batch=b, input=str(inputs[b]), n=per[n][i])
+                    t_block = time.perf_counter() - t_block
+                    stolen = sum((_cpu_s(procs[q].p.pid) or 0.0) - v for q, v in others.items() if v is not None)
+                    busy[n][0] += stolen
+                    busy[n][1] += t_block
                     if not r.get("ok"):
                         by_name[n]["results"][str(b)] = {"error": r["error"]}
                         live.remove(n)
@@ -791,6 +829,9 @@ def bench(artifacts, batch=(1,), threads: int | None = None, warmup: int = 3, it
             for n in live:
                 res = by_name[n]["results"][str(b)]
                 res.update(_stats(times[n], b))
+                # CPU the other (idle) workers used while this one was timed, per wall second: ~0 when
+                # the blocks were clean; the cores' worth lost to them otherwise (Linux only)
+                res["others_cpu_per_s"] = busy[n][0] / busy[n][1] if busy[n][1] > 0 else None
                 if ref is not None and n in logits and logits[n].shape == ref.shape:
                     res["max_abs_vs_upstream"] = float(np.abs(logits[n] - ref).max())
                     res["top1_agreement_vs_upstream"] = float(np.mean(logits[n].argmax(-1) == ref.argmax(-1)))

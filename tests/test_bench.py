@@ -88,6 +88,8 @@ def test_report_fields(report, ort_art):
             assert 0 < r["min_ms"] <= r["p10_ms"] <= r["p50_ms"] <= r["p90_ms"] <= r["p99_ms"] <= r["max_ms"]
             assert r["throughput_ips"] == pytest.approx(b / (r["p50_ms"] / 1e3), rel=1e-9)
             assert r["first_ms"] > 0
+            # idle workers were quiet while this one was timed (Linux /proc accounting)
+            assert r["others_cpu_per_s"] is not None and 0 <= r["others_cpu_per_s"] < 0.5
             # every contender computes the same function on the same input
             assert r["max_abs_vs_upstream"] < 1e-4 and r["top1_agreement_vs_upstream"] == 1.0
             up = d["contenders"][0]["results"][str(b)]["p50_ms"]
@@ -265,3 +267,23 @@ def test_table_quick(tmp_path):
     md = (tmp_path / "table.md").read_text()
     assert "| onnxruntime | fp32 | 1 |" in md
     assert (tmp_path / "table.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quiesce_waits_for_a_busy_worker():
+    """_quiesce returns only once no worker burns CPU: a child spinning for 0.4 s holds it."""
+    import subprocess
+    import sys
+    import time
+    import types
+
+    from crate_edge.bench import _cpu_s, _quiesce
+
+    assert _cpu_s(os.getpid()) > 0
+    p = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<0.4: pass\ntime.sleep(30)"])
+    try:
+        time.sleep(0.05)
+        waited = _quiesce({"spinner": types.SimpleNamespace(p=p)}, quiet_s=0.05, timeout=5)
+        assert 0.3 <= waited < 3, waited
+    finally:
+        p.kill()
+        p.wait()
