@@ -25,11 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import crate_edge  # noqa: E402
-from crate_edge.backends import get_backend  # noqa: E402
+from crate_edge.compiler import compile_each  # noqa: E402
 from crate_edge.backends.base import host_info  # noqa: E402
-from crate_edge.errors import CrateEdgeError  # noqa: E402
 from crate_edge.rewrites import apply  # noqa: E402
-from crate_edge.targets import load_target  # noqa: E402
 
 CPU_TARGETS = ["onnxruntime", "aoti", "executorch", "tvm"]
 
@@ -89,23 +87,10 @@ def main():
     rows_meta["eager folded+SDPA"]["max_abs_vs_upstream"] = float(np.abs(fns["eager folded+SDPA"](xn) - ref).max())
     skipped = {}
     art_root = Path(a.artifacts) if a.artifacts else Path(tempfile.mkdtemp(prefix="crate-bench-"))
-    for t in a.targets:
-        tgt = load_target(t)
-        ok, why = get_backend(tgt.backend).available()
-        if not ok:
-            skipped[t] = why
-            print(f"[skip] {t}: {why}", file=sys.stderr)
-            continue
-        try:
-            t0 = time.time()
-            art = crate_edge.compile(model, t, out=art_root / f"{a.model}-{t}", parity_limit=200)
-            compile_s = time.time() - t0
-        except CrateEdgeError as e:
-            skipped[t] = f"compile failed: {e}"
-            print(f"[skip] {t}: {e}", file=sys.stderr)
-            continue
+    arts, skipped = compile_each(model, a.targets, art_root, prefix=f"{a.model}-", parity_limit=200)
+    for t, art in arts.items():
         fns[t] = art
-        rows_meta[t] = {"compile_s": compile_s, "max_abs_vs_upstream": float(np.abs(art(xn) - ref).max()),
+        rows_meta[t] = {"max_abs_vs_upstream": float(np.abs(art(xn) - ref).max()),
                         "parity": {k: art.manifest["parity"][k] for k in ("top1_agreement", "max_abs", "passed")},
                         "rewrites": art.manifest["rewrites"], "executor": art.executor}
     print(f"timing {len(fns)} contenders: batch {a.batch}, {a.threads} threads", file=sys.stderr)

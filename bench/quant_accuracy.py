@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import crate_edge  # noqa: E402
-from crate_edge.backends import get_backend  # noqa: E402
-from crate_edge.errors import CrateEdgeError  # noqa: E402
+from crate_edge.compiler import compile_each  # noqa: E402
 from crate_edge.parity import parity  # noqa: E402
 from crate_edge.targets import list_targets, load_target  # noqa: E402
 
@@ -40,23 +38,8 @@ def main() -> int:
     a = ap.parse_args()
 
     model = crate_edge.load_model()
-    arts, skipped = [], {}
-    for name in a.targets or reduced_targets():
-        t = load_target(name)
-        ok, why = get_backend(t.backend).available()
-        if not ok:
-            skipped[name] = why
-            print(f"[skip] {name}: {why}", file=sys.stderr)
-            continue
-        t0 = time.time()
-        try:
-            art = crate_edge.compile(model, name, out=Path(a.artifacts) / name, probe=True, keep_failed=True)
-        except CrateEdgeError as e:
-            skipped[name] = f"compile failed: {e}"
-            print(f"[skip] {name}: {e}", file=sys.stderr)
-            continue
-        print(f"[{name}] compiled in {time.time() - t0:.0f} s ({art.executor})", file=sys.stderr)
-        arts.append(art)
+    built, skipped = compile_each(model, a.targets or reduced_targets(), a.artifacts, probe=True, keep_failed=True)
+    arts = list(built.values())
     if not arts:
         print("no reduced-precision target compiles here", file=sys.stderr)
         return 1

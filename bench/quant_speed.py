@@ -24,8 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 import crate_edge  # noqa: E402
 from crate_edge.backends.base import host_info  # noqa: E402
-from crate_edge.checkpoint import model_hash  # noqa: E402
-from crate_edge.errors import CrateEdgeError  # noqa: E402
+from crate_edge.compiler import compile_each  # noqa: E402
 
 PAIRS = [("executorch", "executorch-int8"), ("onnxruntime", "onnxruntime-int8"), ("tvm", "tvm-int8")]
 
@@ -46,7 +45,6 @@ def main():
         model, label = crate_edge.create_model("tiny", num_classes=10).eval(), "CRATE-Tiny/16 at 224 (random weights)"
     else:
         model, label = crate_edge.load_model(), "embedded reference model (28x28)"
-    h = model_hash(model)
     x = np.random.default_rng(0).standard_normal((a.batch, *model.cfg.input_shape)).astype(np.float32)
 
     def eager(inp):
@@ -54,18 +52,8 @@ def main():
             return model(torch.from_numpy(inp)).numpy()
 
     fns = {"eager upstream": eager}
-    skipped = {}
-    for t in [t for p in PAIRS for t in p]:
-        d = Path(a.artifacts) / f"{a.model}-{t}"
-        try:
-            art = crate_edge.load_artifact(d) if (d / "manifest.json").exists() else None
-            if art is None or art.manifest["source_model"]["sha256"] != h:
-                print(f"[{t}] compiling", file=sys.stderr)
-                art = crate_edge.compile(model, t, out=d, parity_limit=200)
-            fns[t] = art
-        except CrateEdgeError as e:
-            skipped[t] = str(e)
-            print(f"[skip] {t}: {e}", file=sys.stderr)
+    arts, skipped = compile_each(model, [t for p in PAIRS for t in p], a.artifacts, prefix=f"{a.model}-", reuse=True, parity_limit=200)
+    fns.update(arts)
     for f in fns.values():
         for _ in range(5):
             f(x)

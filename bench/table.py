@@ -11,8 +11,10 @@ same inputs and threads; ratios against eager upstream).
 
 Roofline: GEMM FLOPs per image counted from the config (upstream: three ISTA GEMMs; folded:
 one), checked against torch.utils.flop_counter.FlopCounterMode, over this machine's GEMM
-ceilings measured here with torch GEMMs of a CRATE-like shape (fp32 and bf16 torch.mm; int8:
-the faster of torch._int_mm and the x86/fbgemm quantized linear). The implied minimum latency
+ceilings measured here on a CRATE-like shape (fp32: the faster of torch.mm and ONNX Runtime's
+MatMul; bf16: torch.mm; int8: the fastest of torch._int_mm, the x86/fbgemm quantized linear and
+ONNX Runtime's u8 x s8 MatMulInteger). It also gives the upper bound on any contender's speed-up
+over eager upstream (GEMM time alone at those ceilings). The implied minimum latency
 is FLOPs x batch / ceiling: no contender can beat it without skipping work. (FlopCounterMode does not count the CPU
 SDPA kernel, so the folded count is checked on the folded model with explicit attention.)
 
@@ -37,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 import crate_edge  # noqa: E402
 from crate_edge.backends import get_backend  # noqa: E402
 from crate_edge.bench import FOLDED_REWRITES, bench, parse_batches  # noqa: E402
+from crate_edge.compiler import compile_each  # noqa: E402
 from crate_edge.errors import CrateEdgeError  # noqa: E402
 from crate_edge.rewrites import apply  # noqa: E402
 from crate_edge.targets import list_targets, load_target  # noqa: E402
@@ -95,8 +98,32 @@ def _rate(f, flops: float, min_s: float) -> float:
     return flops / best / 1e9
 
 
+def _ort_gemm_rates(m: int, k: int, n: int, threads: int, min_s: float) -> tuple[float, float]:
+    """(fp32 MatMul GFLOP/s, u8 x s8 MatMulInteger GOP/s) of ONNX Runtime's CPU provider."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+
+    def sess(op, a_t, y_t, w):
+        g = helper.make_graph([helper.make_node(op, ["a", "w"], ["y"])], "g", [helper.make_tensor_value_info("a", a_t, [m, k])],
+                              [helper.make_tensor_value_info("y", y_t, [m, n])], [numpy_helper.from_array(w, "w")])
+        mod = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        return ort.InferenceSession(mod.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+    fl = 2.0 * m * k * n
+    a = rng.standard_normal((m, k), dtype=np.float32)
+    s32 = sess("MatMul", TensorProto.FLOAT, TensorProto.FLOAT, rng.standard_normal((k, n), dtype=np.float32))
+    au = rng.integers(0, 255, (m, k), dtype=np.uint8)
+    s8 = sess("MatMulInteger", TensorProto.UINT8, TensorProto.INT32, rng.integers(-64, 63, (k, n), dtype=np.int8))
+    return _rate(lambda: s32.run(None, {"a": a}), fl, min_s), _rate(lambda: s8.run(None, {"a": au}), fl, min_s)
+
+
 def gemm_ceilings(m: int, k: int, n: int, threads: int, min_s: float) -> dict:
-    """GFLOP/s (GOP/s for int8) of torch GEMMs of shape (m, k) x (k, n) on this machine."""
+    """GFLOP/s (GOP/s for int8) of GEMMs of shape (m, k) x (k, n) on this machine: the fastest of
+    torch's and ONNX Runtime's kernels per precision (a ceiling, not a typical value)."""
     torch.set_num_threads(threads)
     fl = 2.0 * m * k * n
     out = {"shape": [m, k, n], "threads": threads}
@@ -122,6 +149,15 @@ def gemm_ceilings(m: int, k: int, n: int, threads: int, min_s: float) -> dict:
             int8[f"quantized.linear ({torch.backends.quantized.engine})"] = _rate(lambda: torch.ops.quantized.linear(xq, pk, 0.1, 64), fl, min_s)
     except (RuntimeError, AttributeError) as e:
         int8["quantized.linear"] = f"unavailable: {str(e).splitlines()[0][:120]}"
+    # ONNX Runtime's MLAS GEMMs (the fastest fp32 and u8s8 kernels measured on this CPU in situ)
+    try:
+        fp32_ort, int8_ort = _ort_gemm_rates(m, k, n, threads, min_s)
+        out["fp32"]["all"] = {"torch.mm": out["fp32"]["gflops"], "onnxruntime MatMul (MLAS)": fp32_ort}
+        if fp32_ort > out["fp32"]["gflops"]:
+            out["fp32"].update(gflops=fp32_ort, how="onnxruntime MatMul (MLAS)")
+        int8["onnxruntime MatMulInteger u8 x s8 (MLAS)"] = int8_ort
+    except ImportError as e:
+        out["fp32"]["all"] = {"torch.mm": out["fp32"]["gflops"], "onnxruntime": f"unavailable: {e}"}
     good = {k: v for k, v in int8.items() if isinstance(v, float)}
     if good:
         best = max(good, key=good.get)
@@ -136,6 +172,28 @@ def precision_of(c: dict) -> str:
         return "fp32"
     p = c.get("target_precision", "fp32")
     return p if p in ("fp32", "bf16", "int8") else ("bf16" if p == "fp16" else "fp32")
+
+
+def speedup_bound(cfg, fl: dict, ceil: dict, rep) -> dict:
+    """The most any contender could gain over eager upstream here, per batch: eager upstream's
+    measured p50 over the GEMM time alone at this machine's ceilings (LayerNorm, softmax and the
+    elementwise ops counted as free, so real ratios stay below it). fp32: every GEMM at the fp32
+    ceiling. int8 under the CRATE policy: the weight GEMMs at the int8 ceiling, the attention
+    products (kept float) at the fp32 ceiling. int8 everywhere: all folded FLOPs at the int8 ceiling."""
+    g32, g8 = ceil["fp32"]["gflops"], ceil["int8"]["gflops"]
+    attn = cfg.depth * fl["attention_products_per_layer"]
+    up = next((c for c in rep.contenders if c.get("baseline") == "upstream"), None)
+    out = {}
+    for b, r in (up or {}).get("results", {}).items():
+        if "p50_ms" not in r:
+            continue
+        n = int(b)
+        ms = {"fp32": n * fl["folded"] / g32 * 1e3 / 1e9}
+        if g8:
+            ms["int8_crate_policy"] = n * ((fl["folded"] - attn) / g8 + attn / g32) * 1e3 / 1e9
+            ms["int8_everything"] = n * fl["folded"] / g8 * 1e3 / 1e9
+        out[b] = {"upstream_p50_ms": r["p50_ms"], "gemm_only_min_ms": ms, "max_speedup": {k: r["p50_ms"] / v for k, v in ms.items()}}
+    return out
 
 
 # ------------------------------------------------------------------ main
@@ -212,16 +270,8 @@ def main(argv=None):
         fl["analytic_matches_counter"] = fl["counted_upstream"] == fl["upstream"] and fl["counted_folded"] == fl["folded"]
         say(f"{label}: {fl['upstream'] / 1e9:.3f} GFLOP/image upstream, {fl['folded'] / 1e9:.3f} folded "
             f"(FlopCounterMode: {fl['counted_upstream'] / 1e9:.3f}, {fl['counted_folded'] / 1e9:.3f})")
-        arts, skipped = [], {}
-        for t in targets:
-            out = art_root / f"{mname}-{t}"
-            try:
-                say(f"compiling {mname} for {t}")
-                crate_edge.compile(model, t, out=out, parity_limit=200)
-                arts.append(out)
-            except CrateEdgeError as e:
-                skipped[t] = f"compile failed: {str(e).splitlines()[0][:200]}"
-                say(f"skip {t}: {skipped[t]}")
+        built, skipped = compile_each(model, targets, art_root, prefix=f"{mname}-", parity_limit=200, log=say)
+        arts = [art.path for art in built.values()]
         rep = bench(arts, batch=batches, threads=a.threads, warmup=warmup, iters=iters, model=model if mname != "embedded" else None,
                     baselines=baselines, label=label)
         rep.data["skipped"].update(skipped)
@@ -240,7 +290,8 @@ def main(argv=None):
             g = ceil[prec]["gflops"]
             roof[prec] = {str(b): {"upstream_min_ms": b * fl["upstream"] / (g * 1e9) * 1e3, "folded_min_ms": b * fl["folded"] / (g * 1e9) * 1e3}
                           for b in batches} if g else None
-        result["models"][mname] = {"label": label, "flops": fl, "roofline_min_ms": roof, "bench": rep.to_dict()}
+        result["models"][mname] = {"label": label, "flops": fl, "roofline_min_ms": roof, "bench": rep.to_dict(),
+                                   "speedup_bound": speedup_bound(model.cfg, fl, ceil, rep)}
         result["models"][mname]["_report"] = rep
 
     out = Path(a.out)
@@ -282,6 +333,12 @@ def render_md(result: dict) -> str:
                              f"| {r.get('speedup_vs_upstream', float('nan')):.2f}x | {rft} | {rss} | {size} |")
         for k, v in m["bench"]["skipped"].items():
             lines.append(f"| {k} | | | skipped: {v} | | | | | | |")
+        for b, sb in m.get("speedup_bound", {}).items():
+            mx = sb["max_speedup"]
+            lines += ["", f"Upper bound on the speed-up over eager upstream at batch {b} on this machine (GEMMs alone at the ceilings "
+                      f"below, everything else free): fp32 {mx['fp32']:.2f}x"
+                      + (f"; int8 weight GEMMs with float attention products (the CRATE policy) {mx['int8_crate_policy']:.2f}x; "
+                         f"int8 everywhere {mx['int8_everything']:.2f}x" if "int8_crate_policy" in mx else "") + "."]
         lines.append("")
     for k, v in result["targets_skipped"].items():
         lines.append(f"- {k}: {v}")

@@ -153,3 +153,37 @@ def compile(model=None, target: str | Target = "onnxruntime", out: str | os.Path
     if fails:
         raise ParityError(f"{t.name}: parity failed (artifact kept at {out}): " + "; ".join(fails))
     return final
+
+
+def compile_each(model, targets, root, prefix: str = "", reuse: bool = False, log=None, **kw):
+    """Compile `model` for each target into root/<prefix><target>; for the measurement scripts.
+    Returns ({target: Artifact}, {target: why it was skipped}): a target whose backend is not
+    installed here, or whose compile or parity check fails, is skipped with the reason (logged),
+    never dropped silently. reuse: load an existing artifact of the same model and target file
+    instead of compiling again. Other keywords go to `compile`."""
+    say = log or (lambda s: print(s, file=sys.stderr))
+    src = model if isinstance(model, torch.nn.Module) else load_model(model)
+    h = model_hash(src) if reuse else None
+    arts, skipped = {}, {}
+    for name in targets:
+        t = name if isinstance(name, Target) else load_target(name)
+        ok, why = get_backend(t.backend).available()
+        if not ok:
+            skipped[t.name] = why
+            say(f"[skip] {t.name}: {why}")
+            continue
+        d = Path(root) / f"{prefix}{t.name}"
+        try:
+            if reuse and (d / MANIFEST).exists():
+                art = load_artifact(d)
+                if art.manifest["source_model"]["sha256"] == h and art.manifest["target"]["sha256"] == t.sha256:
+                    arts[t.name] = art
+                    say(f"[{t.name}] reusing {d}")
+                    continue
+            t0 = datetime.datetime.now()
+            arts[t.name] = compile(src, t, out=d, **kw)
+            say(f"[{t.name}] compiled in {(datetime.datetime.now() - t0).total_seconds():.0f} s ({arts[t.name].executor})")
+        except CrateEdgeError as e:
+            skipped[t.name] = f"compile failed: {str(e).splitlines()[0][:300]}"
+            say(f"[skip] {t.name}: {skipped[t.name]}")
+    return arts, skipped

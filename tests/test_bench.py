@@ -259,13 +259,24 @@ def test_table_quick(tmp_path):
     emb = d["models"]["embedded"]
     assert list(d["models"]) == ["embedded"]
     assert emb["flops"]["analytic_matches_counter"] and emb["flops"]["upstream"] > emb["flops"]["folded"] > 0
-    assert d["gemm_ceilings"]["fp32"]["gflops"] > 0
+    ceil = d["gemm_ceilings"]
+    assert ceil["fp32"]["gflops"] == max(ceil["fp32"]["all"].values()) > 0  # the fastest of torch and ONNX Runtime
+    assert ceil["int8"]["all"]["onnxruntime MatMulInteger u8 x s8 (MLAS)"] > 0
+    sb = emb["speedup_bound"]["1"]
+    up = emb["bench"]["contenders"][0]["results"]["1"]["p50_ms"]
+    assert sb["upstream_p50_ms"] == up
+    assert sb["gemm_only_min_ms"]["fp32"] == pytest.approx(emb["flops"]["folded"] / ceil["fp32"]["gflops"] / 1e6)
+    for k, ms in sb["gemm_only_min_ms"].items():
+        assert sb["max_speedup"][k] == pytest.approx(up / ms)
+    # int8 under the CRATE policy keeps the attention products float: between fp32 and int8 everywhere
+    lo, hi = sorted([sb["gemm_only_min_ms"]["fp32"], sb["gemm_only_min_ms"]["int8_everything"]])
+    assert lo <= sb["gemm_only_min_ms"]["int8_crate_policy"] <= hi
     names = [c["name"] for c in emb["bench"]["contenders"]]
     assert names == [BASELINE_LABELS["upstream"], BASELINE_LABELS["folded"], "onnxruntime"]
     rf = emb["bench"]["contenders"][-1]["results"]["1"]["roofline"]
     assert rf["precision"] == "fp32" and rf["min_ms"] > 0 and rf["fraction_of_ceiling"] > 0
     md = (tmp_path / "table.md").read_text()
-    assert "| onnxruntime | fp32 | 1 |" in md
+    assert "| onnxruntime | fp32 | 1 |" in md and "Upper bound on the speed-up over eager upstream at batch 1" in md
     assert (tmp_path / "table.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -193,3 +193,28 @@ def test_cli_compile_run_and_errors(ref_ckpt, tmp_path):
         assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
     r = subprocess.run(cli + ["targets"], capture_output=True, text=True)
     assert r.returncode == 0 and "tensorrt" in r.stdout and "coreml" in r.stdout
+
+
+def test_compile_each_skips_with_reasons_and_reuses(micro, tmp_path, monkeypatch):
+    """The measurement scripts' loop: a failing target and a missing backend are skipped with the
+    reason, never silently; reuse loads the same model's artifact instead of compiling again."""
+    pytest.importorskip("onnxruntime")
+    from crate_edge.backends.tvm import TVMBackend
+    from crate_edge.compiler import compile_each
+
+    strict = tmp_path / "strict.toml"
+    strict.write_text('backend = "onnxruntime"\nrewrites = ["fold_ista"]\n[parity]\nmax_abs = 1e-12\n')
+    monkeypatch.setattr(TVMBackend, "available", lambda self: (False, "apache-tvm not installed (pip install 'crate-edge[tvm]')"))
+    said = []
+    arts, skipped = compile_each(micro, ["onnxruntime", strict, "tvm"], tmp_path / "a", prefix="m-", parity_limit=50, log=said.append)
+    assert list(arts) == ["onnxruntime"] and arts["onnxruntime"].path == tmp_path / "a" / "m-onnxruntime"
+    assert skipped["strict"].startswith("compile failed: ") and "1e-12" in skipped["strict"]
+    assert skipped["tvm"] == "apache-tvm not installed (pip install 'crate-edge[tvm]')"
+    assert any(s.startswith("[skip] tvm") for s in said)
+    stamp = (arts["onnxruntime"].path / MANIFEST).stat().st_mtime_ns
+    again, _ = compile_each(micro, ["onnxruntime"], tmp_path / "a", prefix="m-", reuse=True, log=said.append)
+    assert (again["onnxruntime"].path / MANIFEST).stat().st_mtime_ns == stamp and said[-1].startswith("[onnxruntime] reusing")
+    torch.manual_seed(1)
+    other = create_model("mnist-micro").eval()  # another model: the stored artifact is not reused
+    compile_each(other, ["onnxruntime"], tmp_path / "a", prefix="m-", reuse=True, parity_limit=50, log=said.append)
+    assert said[-1].startswith("[onnxruntime] compiled")
