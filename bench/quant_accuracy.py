@@ -35,10 +35,11 @@ def main() -> int:
     ap.add_argument("--limit", type=int, default=None, help="images (default: the whole test split)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quant"))
     ap.add_argument("--artifacts", default=str(ROOT / "artifacts" / "quant"))
+    ap.add_argument("--reuse", action="store_true", help="load probe builds of the same model and target files from --artifacts")
     a = ap.parse_args()
 
     model = crate_edge.load_model()
-    built, skipped = compile_each(model, a.targets or reduced_targets(), a.artifacts, probe=True, keep_failed=True)
+    built, skipped = compile_each(model, a.targets or reduced_targets(), a.artifacts, reuse=a.reuse, probe=True, keep_failed=True)
     arts = list(built.values())
     if not arts:
         print("no reduced-precision target compiles here", file=sys.stderr)

@@ -175,8 +175,9 @@ def compile_each(model, targets, root, prefix: str = "", reuse: bool = False, lo
         d = Path(root) / f"{prefix}{t.name}"
         try:
             if reuse and (d / MANIFEST).exists():
-                art = load_artifact(d)
-                if art.manifest["source_model"]["sha256"] == h and art.manifest["target"]["sha256"] == t.sha256:
+                art = load_artifact(d, reference_ok=True)  # as compile() returns it: a labelled stand-in where it cannot run here
+                m = art.manifest
+                if (m["source_model"]["sha256"], m["target"]["sha256"], bool(m.get("probe"))) == (h, t.sha256, bool(kw.get("probe"))):
                     arts[t.name] = art
                     say(f"[{t.name}] reusing {d}")
                     continue

@@ -422,6 +422,27 @@ def _norm(v):
     return list(v) if isinstance(v, (list, tuple)) else v
 
 
+def _release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc only; a no-op elsewhere). Without it a long
+    parity run grows without bound from heap fragmentation, not from anything it keeps: measured
+    on the embedded model, +0.5 MB per image per probe artifact, so 10,000 test images with ten
+    probe artifacts ran out of 24 GB; with a trim per batch the RSS stays flat."""
+    global _TRIM
+    if _TRIM is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _TRIM = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
+
+
 def _run(art, x: np.ndarray) -> list[np.ndarray]:
     """Artifact outputs for a batch of any size: chunks within its batch range, the last one padded."""
     lo, hi = art.manifest["input"].get("batch_range") or [len(x), len(x)]
@@ -621,6 +642,7 @@ def parity(artifacts, reference=None, data: str = "fashion-mnist", limit: int | 
                 lg = outs[0]
             art_logits[k].append(np.asarray(lg, dtype=np.float32))
         seen += len(y)
+        _release_memory()
         if progress and bar is None:
             print(f"parity: {seen}/{n_total} images", file=sys.stderr)
     if bar is not None:
