@@ -251,11 +251,19 @@ def main(argv=None):
     result = {"settings": {"threads": a.threads, "batch": list(batches), "iters": iters, "warmup": warmup, "quick": a.quick},
               "models": {}, "targets_skipped": skipped_all}
 
-    # GEMM ceilings at the first model's largest-batch token count, its width (CRATE's ISTA GEMM shape)
+    # GEMM ceilings on CRATE's ISTA GEMM shape (tokens x width) x (width x width) of the first model,
+    # at the smallest and the largest batch's token count; per precision the best of them
     m0, _ = model_for(models[0])
-    n_tok = (m0.cfg.num_patches + 1) * big
-    say(f"GEMM ceilings: ({n_tok} x {m0.cfg.dim}) x ({m0.cfg.dim} x {m0.cfg.dim}), {a.threads} threads")
-    ceil = gemm_ceilings(n_tok, m0.cfg.dim, m0.cfg.dim, a.threads, 0.05 if a.quick else 0.5)
+    d0 = m0.cfg.dim
+    per_shape = []
+    for b in sorted({min(batches), big}):
+        n_tok = (m0.cfg.num_patches + 1) * b
+        say(f"GEMM ceilings: ({n_tok} x {d0}) x ({d0} x {d0}), {a.threads} threads")
+        per_shape.append(gemm_ceilings(n_tok, d0, d0, a.threads, 0.05 if a.quick else 0.5))
+    ceil = {"shapes": [c["shape"] for c in per_shape], "threads": a.threads, "per_shape": per_shape}
+    for prec in ("fp32", "bf16", "int8"):
+        best = max(per_shape, key=lambda c: c[prec]["gflops"] or 0.0)
+        ceil[prec] = {**best[prec], "shape": best["shape"]}
     result["gemm_ceilings"] = ceil
     say("  " + ", ".join(f"{p} {ceil[p]['gflops']:.1f} G/s ({ceil[p]['how']})" for p in ("fp32", "bf16", "int8") if ceil[p]["gflops"]))
 
@@ -342,8 +350,8 @@ def render_md(result: dict) -> str:
         lines.append("")
     for k, v in result["targets_skipped"].items():
         lines.append(f"- {k}: {v}")
-    lines += ["", f"GEMM ceilings ({' x '.join(map(str, ceil['shape']))}, {ceil['threads']} threads): "
-              + ", ".join(f"{p} {ceil[p]['gflops']:.1f} G{'OP' if p == 'int8' else 'FLOP'}/s ({ceil[p]['how']})"
+    lines += ["", f"GEMM ceilings (best of shapes {', '.join('x'.join(map(str, sh)) for sh in ceil['shapes'])}; {ceil['threads']} threads): "
+              + ", ".join(f"{p} {ceil[p]['gflops']:.1f} G{'OP' if p == 'int8' else 'FLOP'}/s ({ceil[p]['how']}, {'x'.join(map(str, ceil[p]['shape']))})"
                           for p in ("fp32", "bf16", "int8") if ceil[p]["gflops"])]
     return "\n".join(lines) + "\n"
 

@@ -200,16 +200,19 @@ def _latency_ms(art, x, iters: int = 15) -> float:
     return 1e3 * sorted(ts)[len(ts) // 2]
 
 
-def _sensitivity(layers: list[dict], cap: float = 200.0) -> list[float]:
-    """Per block: the feature SQNR (dB) lost across it, i.e. the error that block introduces."""
+def _sensitivity(layers: list[dict]) -> list[float]:
+    """Per block: the noise-to-signal power it adds to the features, 10^(-SQNR_l/10) -
+    10^(-SQNR_{l-1}/10), with the SQNR of the ISTA outputs at block boundaries (the input has no
+    error). In power, blocks compare on one scale; as a loss in dB the first block always looked
+    worst, its loss being counted from infinity."""
     import math
 
-    out, prev = [], cap
+    out, prev = [], 0.0
     for d in layers:
         s = d.get("z_sqnr_db")
-        s = cap if s is None or not math.isfinite(s) else min(s, cap)
-        out.append(prev - s)
-        prev = s
+        nsr = 0.0 if s is None or math.isnan(s) or s == math.inf else 10 ** (-s / 10)
+        out.append(nsr - prev)
+        prev = nsr
     return out
 
 
@@ -217,7 +220,7 @@ def search(model=None, target="executorch-int8", out=None, budget: dict | None =
            limit: int = 2000, log=None) -> dict:
     """Accuracy-driven fallback (issue 4): compile the quantized target as a probe build, measure
     it against the fp32 model on `data` (default: training images, so the test set stays
-    untouched), and while the budget fails keep the most sensitive block (largest SQNR loss
+    untouched), and while the budget fails keep the most sensitive block (largest noise power added
     across it) in float and try again. The first configuration that passes has the fewest
     float blocks, i.e. is the fastest; it is compiled again without probe outputs into `out`.
     If none passes, the best one found is saved anyway and CrateEdgeError says so. A log of
@@ -260,7 +263,7 @@ def search(model=None, target="executorch-int8", out=None, budget: dict | None =
                    "top1_drop": rep.logits.get("top1_drop"), "top1_agreement": rep.logits.get("top1_agreement"),
                    "min_support_iou": min(d["support_iou_mean"] for d in rep.layers) if rep.layers else None,
                    "max_coding_rate_rel": max(d["coding_rate_rel"] for d in rep.layers) if rep.layers else None,
-                   "sensitivity_db": sens, "latency_b1_ms": lat, "executor": art.executor}
+                   "sensitivity": sens, "latency_b1_ms": lat, "executor": art.executor}
             attempts.append(rec)
             say(f"[search]   {'PASS' if rep.passed else 'fail'}: {rep.message()}"
                 + (f"; batch-1 {lat:.2f} ms" if lat is not None else ""))

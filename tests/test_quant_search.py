@@ -14,9 +14,9 @@ from crate_edge.targets import load_target
 pytestmark = pytest.mark.skipif(not get_backend("onnxruntime").available()[0], reason="onnxruntime not installed")
 
 
-def test_sensitivity_is_the_sqnr_lost_across_each_block():
+def test_sensitivity_is_the_noise_power_each_block_adds():
     layers = [{"z_sqnr_db": 50.0}, {"z_sqnr_db": 45.0}, {"z_sqnr_db": 20.0}, {"z_sqnr_db": float("inf")}]
-    assert _sensitivity(layers) == [150.0, 5.0, 25.0, -180.0]
+    assert _sensitivity(layers) == pytest.approx([1e-5, 10 ** -4.5 - 1e-5, 1e-2 - 10 ** -4.5, -1e-2])
 
 
 def _target(tmp_path, **quant):
@@ -56,7 +56,7 @@ def test_impossible_budget_raises_blocks_by_sensitivity_and_saves_the_best(tmp_p
     for prev, nxt in zip(att, att[1:]):  # one block more each time: the most sensitive one left
         added = set(nxt["float_layers"]) - set(prev["float_layers"])
         assert len(added) == 1
-        cand = {l: s for l, s in enumerate(prev["sensitivity_db"]) if l not in prev["float_layers"]}
+        cand = {l: s for l, s in enumerate(prev["sensitivity"]) if l not in prev["float_layers"]}
         assert added == {max(cand, key=cand.get)}
     assert (out / "manifest.json").exists()  # the best found is saved anyway
 
