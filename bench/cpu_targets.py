@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import crate_edge  # noqa: E402
+from bench._common import time_rounds, write_tables  # noqa: E402
 from crate_edge.compiler import compile_each  # noqa: E402
 from crate_edge.backends.base import host_info  # noqa: E402
 from crate_edge.rewrites import apply  # noqa: E402
@@ -39,21 +38,6 @@ def model_for(name: str):
     if name == "embedded":
         return crate_edge.load_model(), "embedded reference model (28x28)"
     return crate_edge.load_model(name), name
-
-
-def time_rounds(fns: dict, x: np.ndarray, warmup: int, rounds: int, per_round: int) -> dict[str, list[float]]:
-    for f in fns.values():
-        for _ in range(warmup):
-            f(x)
-    times = {k: [] for k in fns}
-    for r in range(rounds):
-        for k, f in fns.items():
-            for _ in range(per_round):
-                t = time.perf_counter()
-                f(x)
-                times[k].append((time.perf_counter() - t) * 1e3)
-        print(f"  round {r + 1}/{rounds}: " + ", ".join(f"{k} {np.median(v):.2f}" for k, v in times.items()), file=sys.stderr)
-    return times
 
 
 def main():
@@ -105,10 +89,7 @@ def main():
               "batch": a.batch, "threads": a.threads, "host": host_info(), "rows": rows, "skipped": skipped,
               "versions": {"torch": torch.__version__,
                            **{k: f.manifest["backend"]["versions"] for k, f in fns.items() if hasattr(f, "manifest")}}}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"cpu_targets_{a.model}_b{a.batch}_t{a.threads}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     lines = [f"{label}, batch {a.batch}, {a.threads} threads, {result['host']['cpu']}, {result['date'][:10]}", "",
              "| contender | median ms | p90 ms | vs eager upstream | max abs vs upstream |", "|---|---|---|---|---|"]
     for r in rows:
@@ -116,8 +97,7 @@ def main():
                      f"{r.get('max_abs_vs_upstream', float('nan')):.1e} |")
     for k, v in skipped.items():
         lines.append(f"| {k} | skipped: {v} | | | |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    out = write_tables(a.out, stem, result, lines)
     import matplotlib
 
     matplotlib.use("Agg")

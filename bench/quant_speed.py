@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 import crate_edge  # noqa: E402
 from crate_edge.backends.base import host_info  # noqa: E402
+from bench._common import time_rounds, write_tables  # noqa: E402
 from crate_edge.compiler import compile_each  # noqa: E402
 
 PAIRS = [("executorch", "executorch-int8"), ("onnxruntime", "onnxruntime-int8"), ("tvm", "tvm-int8")]
@@ -54,19 +53,7 @@ def main():
     fns = {"eager upstream": eager}
     arts, skipped = compile_each(model, [t for p in PAIRS for t in p], a.artifacts, prefix=f"{a.model}-", reuse=True, parity_limit=200)
     fns.update(arts)
-    for f in fns.values():
-        for _ in range(5):
-            f(x)
-    times = {k: [] for k in fns}
-    for r in range(a.rounds):
-        order = list(fns)[r % len(fns):] + list(fns)[: r % len(fns)]
-        for k in order:
-            fns[k](x)  # one untimed call: the previous contender's threads settle
-            for _ in range(a.per_round):
-                t0 = time.perf_counter()
-                fns[k](x)
-                times[k].append(1e3 * (time.perf_counter() - t0))
-        print(f"  round {r + 1}/{a.rounds}: " + ", ".join(f"{k} {np.median(v):.1f}" for k, v in times.items()), file=sys.stderr)
+    times = time_rounds(fns, x, 5, a.rounds, a.per_round)
     med = {k: float(np.median(v)) for k, v in times.items()}
     rows = []
     for fp, q in PAIRS:
@@ -76,10 +63,7 @@ def main():
     res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "model": label, "batch": a.batch,
            "threads": a.threads, "host": host_info(), "median_ms": med, "p90_ms": {k: float(np.percentile(v, 90)) for k, v in times.items()},
            "rows": rows, "skipped": skipped}
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"quant_speed_{a.model}_b{a.batch}_t{a.threads}"
-    (out / f"{stem}.json").write_text(json.dumps(res, indent=1))
     lines = [f"{label}, batch {a.batch}, {a.threads} threads, {res['host']['cpu']}, {res['date'][:10]}; eager upstream "
              f"{med['eager upstream']:.1f} ms (median of {a.rounds * a.per_round} interleaved calls per contender, one process)", "",
              "| backend | fp32 ms | reduced target | reduced ms | reduced vs fp32 | fp32 vs eager upstream | reduced vs eager upstream |",
@@ -89,8 +73,7 @@ def main():
                      f"{r['fp32_vs_upstream']:.2f}x | {r['reduced_vs_upstream']:.2f}x |")
     for k, v in skipped.items():
         lines.append(f"| {k} | skipped: {v} | | | | | |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    out = write_tables(a.out, stem, res, lines)
     import matplotlib
 
     matplotlib.use("Agg")
