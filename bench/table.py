@@ -20,11 +20,23 @@ SDPA kernel, so the folded count is checked on the folded model with explicit at
 
 --quick: the embedded model only, batch 1, few iterations, short GEMM measurements (a smoke run).
 Writes bench/results/table.{json,md,png} (or --out).
+
+--device cuda (on an NVIDIA host): the same script for the GPU. Contenders: the torch baselines
+on the GPU (eager upstream, eager folded/SDPA, torch.compile) and the targets whose artifacts run
+on CUDA (aoti-cuda, onnxruntime-cuda where onnxruntime-gpu is installed, tvm-cuda, tensorrt*);
+models CRATE-Tiny and CRATE-Base at 224, batch 1 and 256; GPU contenders are timed on
+GPU-resident inputs with a synchronize per call; GEMM ceilings from cuBLAS (fp32 with TF32 off,
+tf32, bf16, fp16, int8 torch._int_mm). Writes table_gpu.{json,md,png}. --append adds this run's
+models to an existing file of the same device (to split a long GPU run into short calls):
+
+    python bench/table.py --device cuda --models tiny --out bench/results
+    python bench/table.py --device cuda --models base --out bench/results --append
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -79,21 +91,26 @@ def counted_flops(model) -> int:
 
 # ------------------------------------------------------------------ GEMM ceilings
 
-def _rate(f, flops: float, min_s: float) -> float:
+def _rate(f, flops: float, min_s: float, sync=lambda: None) -> float:
+    """GFLOP/s of f; sync() waits for queued work (a GPU's stream) before a clock is read."""
     f()
+    sync()
     n, t0 = 0, time.perf_counter()
     while True:
         f()
         n += 1
-        el = time.perf_counter() - t0
-        if el >= min_s and n >= 3:
-            break
+        if n % 8 == 0 or n < 8:
+            sync()
+            el = time.perf_counter() - t0
+            if el >= min_s and n >= 3:
+                break
     # best of a few short repeats: a ceiling, not a typical value
     best = el / n
     for _ in range(3):
         t = time.perf_counter()
         for _ in range(max(1, n // 3)):
             f()
+        sync()
         best = min(best, (time.perf_counter() - t) / max(1, n // 3))
     return flops / best / 1e9
 
@@ -167,6 +184,34 @@ def gemm_ceilings(m: int, k: int, n: int, threads: int, min_s: float) -> dict:
     return out
 
 
+def gemm_ceilings_cuda(m: int, k: int, n: int, min_s: float) -> dict:
+    """The same ceilings on the current CUDA GPU (cuBLAS through torch.mm): fp32 with TF32 off
+    (torch's default, so the fp32 contenders' ceiling), tf32, bf16, fp16 and int8 (torch._int_mm)."""
+    fl = 2.0 * m * k * n
+    dev = torch.device("cuda")
+    sync = torch.cuda.synchronize
+    out = {"shape": [m, k, n], "threads": None, "gpu": torch.cuda.get_device_name(dev)}
+    a, b = torch.randn(m, k, device=dev), torch.randn(k, n, device=dev)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        out["fp32"] = {"gflops": _rate(lambda: torch.mm(a, b), fl, min_s, sync), "how": "torch.mm float32 (cuBLAS, TF32 off)"}
+        torch.backends.cuda.matmul.allow_tf32 = True
+        out["tf32"] = {"gflops": _rate(lambda: torch.mm(a, b), fl, min_s, sync), "how": "torch.mm float32 with TF32"}
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    for name, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        x, y = a.to(dt), b.to(dt)
+        out[name] = {"gflops": _rate(lambda: torch.mm(x, y), fl, min_s, sync), "how": f"torch.mm {dt} (cuBLAS)"}
+    try:
+        ai = torch.randint(-128, 127, (m, k), dtype=torch.int8, device=dev)
+        bi = torch.randint(-128, 127, (k, n), dtype=torch.int8, device=dev)
+        out["int8"] = {"gflops": _rate(lambda: torch._int_mm(ai, bi), fl, min_s, sync), "how": "torch._int_mm (cuBLASLt int8)"}
+    except (RuntimeError, AttributeError) as e:
+        out["int8"] = {"gflops": None, "how": f"unavailable: {str(e).splitlines()[0][:120]}"}
+    return out
+
+
 def precision_of(c: dict) -> str:
     if c.get("kind") == "baseline":
         return "fp32"
@@ -198,18 +243,18 @@ def speedup_bound(cfg, fl: dict, ceil: dict, rep) -> dict:
 
 # ------------------------------------------------------------------ main
 
-def runnable_targets(names: list[str] | None) -> tuple[list[str], dict[str, str]]:
+def runnable_targets(names: list[str] | None, device: str = "cpu") -> tuple[list[str], dict[str, str]]:
+    """The targets to measure (default: every target whose artifacts execute on `device`) and,
+    for those that cannot compile or run here, why."""
     keep, skipped = [], {}
-    for name in names or list_targets():
+    for name in names or [n for n in list_targets() if load_target(n).device == device]:
         t = load_target(name)
         be = get_backend(t.backend)
         ok, why = be.available()
         if not ok:
             skipped[name] = f"cannot compile here: {why}"
             continue
-        tgt = t.options.get("target")
-        cuda = t.options.get("device") == "cuda" or (isinstance(tgt, dict) and tgt.get("kind") == "cuda")
-        ok, why = be.can_run({"backend": {"device": "cuda" if cuda else "cpu"}})
+        ok, why = be.can_run({"backend": {"device": t.device}, "target": {"definition": t.raw}})
         if not ok:
             skipped[name] = f"cannot run here: {why}"
             continue
@@ -218,9 +263,11 @@ def runnable_targets(names: list[str] | None) -> tuple[list[str], dict[str, str]
 
 
 def model_for(name: str):
-    if name == "tiny":
+    if name in ("tiny", "small", "base", "large"):
         torch.manual_seed(0)
-        return crate_edge.create_model("tiny", num_classes=10).eval(), "CRATE-Tiny/16 at 224 (random weights, seed 0)"
+        return crate_edge.create_model(name, num_classes=10).eval(), f"CRATE-{name.title()}/16 at 224 (random weights, seed 0)"
+    if name != "embedded":
+        raise CrateEdgeError(f"unknown model {name!r}: tiny, small, base, large or embedded")
     return crate_edge.load_model(), "embedded reference model (28x28 Fashion-MNIST)"
 
 
@@ -228,28 +275,42 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=None, help="Comma-separated: tiny,embedded (default both; --quick: embedded)")
     ap.add_argument("--targets", nargs="*", default=None, help="Targets to try (default: every target in list_targets())")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--batch", default=None, help="Batch sizes (default 1,32; --quick: 1)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu: the CPU targets and baselines; cuda: the GPU targets and the torch baselines on the GPU")
+    ap.add_argument("--threads", type=int, default=None, help="Threads for every contender (default: 2 on cpu, the usable cores on cuda)")
+    ap.add_argument("--batch", default=None, help="Batch sizes (default 1,32; cuda: 1,256; --quick: 1)")
     ap.add_argument("--iters", type=int, default=None, help="Timed calls per contender and batch (default 30; --quick: 6)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--baselines", default="upstream,folded,compile", help="Comma-separated baselines, or none")
     ap.add_argument("--quick", action="store_true", help="Smoke run: embedded model, batch 1, few iterations")
     ap.add_argument("--artifacts", default=None, help="Keep compiled artifacts here (default: a temporary directory)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--append", action="store_true", help="Add this run's models to the existing table file in --out (same device)")
     a = ap.parse_args(argv)
 
-    models = (a.models or ("embedded" if a.quick else "tiny,embedded")).split(",")
-    batches = parse_batches(a.batch or ("1" if a.quick else "1,32"))
+    cuda = a.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise CrateEdgeError(f"--device cuda: torch {torch.__version__} sees no CUDA GPU here")
+    models = (a.models or ("embedded" if a.quick else "tiny,base" if cuda else "tiny,embedded")).split(",")
+    batches = parse_batches(a.batch or ("1" if a.quick else "1,256" if cuda else "1,32"))
+    threads = a.threads or (len(os.sched_getaffinity(0)) if cuda and hasattr(os, "sched_getaffinity") else 2)
     iters = a.iters or (6 if a.quick else 30)
     warmup = a.warmup if a.warmup is not None else (1 if a.quick else 3)
     baselines = () if a.baselines == "none" else tuple(b for b in a.baselines.split(",") if b)
-    targets, skipped_all = runnable_targets(a.targets)
+    out = Path(a.out)
+    stem = "table_gpu" if cuda else "table"
+    settings = {"device": a.device, "threads": threads, "batch": list(batches), "iters": iters, "warmup": warmup, "quick": a.quick}
+    prev = None
+    if a.append and (out / f"{stem}.json").exists():
+        prev = json.loads((out / f"{stem}.json").read_text())
+        if prev["settings"].get("device", "cpu") != a.device:
+            raise CrateEdgeError(f"--append: {out / (stem + '.json')} was measured on {prev['settings'].get('device', 'cpu')}, this run is {a.device}")
+    targets, skipped_all = runnable_targets(a.targets, a.device)
     for k, v in skipped_all.items():
         say(f"skip {k}: {v}")
     art_root = Path(a.artifacts) if a.artifacts else Path(tempfile.mkdtemp(prefix="crate-table-"))
     big = max(batches)
-    result = {"settings": {"threads": a.threads, "batch": list(batches), "iters": iters, "warmup": warmup, "quick": a.quick},
-              "models": {}, "targets_skipped": skipped_all}
+    result = {"settings": settings, "models": {}, "targets_skipped": skipped_all}
 
     # GEMM ceilings on CRATE's ISTA GEMM shape (tokens x width) x (width x width) of the first model,
     # at the smallest and the largest batch's token count; per precision the best of them
@@ -258,14 +319,25 @@ def main(argv=None):
     per_shape = []
     for b in sorted({min(batches), big}):
         n_tok = (m0.cfg.num_patches + 1) * b
-        say(f"GEMM ceilings: ({n_tok} x {d0}) x ({d0} x {d0}), {a.threads} threads")
-        per_shape.append(gemm_ceilings(n_tok, d0, d0, a.threads, 0.05 if a.quick else 0.5))
-    ceil = {"shapes": [c["shape"] for c in per_shape], "threads": a.threads, "per_shape": per_shape}
-    for prec in ("fp32", "bf16", "int8"):
+        say(f"GEMM ceilings: ({n_tok} x {d0}) x ({d0} x {d0}), " + ("CUDA" if cuda else f"{threads} threads"))
+        min_s = 0.05 if a.quick else 0.5
+        per_shape.append(gemm_ceilings_cuda(n_tok, d0, d0, min_s) if cuda else gemm_ceilings(n_tok, d0, d0, threads, min_s))
+    precs = ("fp32", "tf32", "bf16", "fp16", "int8") if cuda else ("fp32", "bf16", "int8")
+    ceil = {"shapes": [c["shape"] for c in per_shape], "threads": None if cuda else threads, "per_shape": per_shape, "precisions": list(precs)}
+    for prec in precs:
         best = max(per_shape, key=lambda c: c[prec]["gflops"] or 0.0)
         ceil[prec] = {**best[prec], "shape": best["shape"]}
     result["gemm_ceilings"] = ceil
-    say("  " + ", ".join(f"{p} {ceil[p]['gflops']:.1f} G/s ({ceil[p]['how']})" for p in ("fp32", "bf16", "int8") if ceil[p]["gflops"]))
+    say("  " + ", ".join(f"{p} {ceil[p]['gflops']:.1f} G/s ({ceil[p]['how']})" for p in precs if ceil[p]["gflops"]))
+
+    reports = {}
+    if prev is not None:  # earlier models of the same device: kept as measured (their own ceilings and date)
+        for k, v in prev["models"].items():
+            if k not in models:
+                v.setdefault("gemm_ceilings", prev["gemm_ceilings"])
+                result["models"][k] = v
+        for k, v in prev.get("targets_skipped", {}).items():
+            result["targets_skipped"].setdefault(k, v)
 
     for mname in models:
         model, label = model_for(mname)
@@ -280,8 +352,8 @@ def main(argv=None):
             f"(FlopCounterMode: {fl['counted_upstream'] / 1e9:.3f}, {fl['counted_folded'] / 1e9:.3f})")
         built, skipped = compile_each(model, targets, art_root, prefix=f"{mname}-", parity_limit=200, log=say)
         arts = [art.path for art in built.values()]
-        rep = bench(arts, batch=batches, threads=a.threads, warmup=warmup, iters=iters, model=model if mname != "embedded" else None,
-                    baselines=baselines, label=label)
+        rep = bench(arts, batch=batches, threads=threads, warmup=warmup, iters=iters, model=model if mname != "embedded" else None,
+                    baselines=baselines, label=label, device=a.device)
         rep.data["skipped"].update(skipped)
         roof = {}
         for c in rep.contenders:
@@ -299,48 +371,62 @@ def main(argv=None):
             roof[prec] = {str(b): {"upstream_min_ms": b * fl["upstream"] / (g * 1e9) * 1e3, "folded_min_ms": b * fl["folded"] / (g * 1e9) * 1e3}
                           for b in batches} if g else None
         result["models"][mname] = {"label": label, "flops": fl, "roofline_min_ms": roof, "bench": rep.to_dict(),
-                                   "speedup_bound": speedup_bound(model.cfg, fl, ceil, rep)}
-        result["models"][mname]["_report"] = rep
+                                   "speedup_bound": speedup_bound(model.cfg, fl, ceil, rep), "gemm_ceilings": ceil}
+        reports[mname] = rep
+        result["host"] = rep.data["host"]
+        write(result, out, stem)  # after each model: a long run that is cut short keeps what it measured
 
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    reports = {k: v.pop("_report") for k, v in result["models"].items()}
-    result["host"] = next(iter(reports.values())).data["host"]
-    (out / "table.json").write_text(json.dumps(result, indent=1))
-    md = render_md(result)
-    (out / "table.md").write_text(md)
-    plot(reports, out / "table.png")
+    md = write(result, out, stem)
+    from crate_edge.bench import BenchReport
+
+    plot({k: reports.get(k) or BenchReport(v["bench"]) for k, v in result["models"].items()}, out / f"{stem}.png")
     print(md)
-    say(f"wrote {out}/table.json, table.md, table.png")
+    say(f"wrote {out}/{stem}.json, {stem}.md, {stem}.png")
     return result
+
+
+def write(result: dict, out: Path, stem: str) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{stem}.json.part"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out / f"{stem}.json")
+    md = render_md(result)
+    (out / f"{stem}.md").write_text(md)
+    return md
 
 
 def render_md(result: dict) -> str:
     s = result["settings"]
     h = result["host"]
-    ceil = result["gemm_ceilings"]
-    lines = [f"Measured {result['models'][next(iter(result['models']))]['bench']['date'][:10]} on {h['cpu']} "
-             f"({h['cores']} cores, {' '.join(h['isa'])}), {s['threads']} threads; p50 over {s['iters']} calls per contender in "
-             "interleaved rounds, same inputs; speed-up = eager upstream p50 / p50; peak RSS = the contender's own process.", ""]
+    gpu = s.get("device") == "cuda"
+    dates = sorted({m["bench"]["date"][:10] for m in result["models"].values()})
+    where = (f"GPU {h.get('gpu')} (host CPU {h['cpu']}, {h['cores']} cores)" if gpu else
+             f"{h['cpu']} ({h['cores']} cores, {' '.join(h['isa'])})")
+    lines = [f"Measured {', '.join(dates)} on {where}, {s['threads']} threads; p50 over {s['iters']} calls per contender in "
+             "interleaved rounds, same inputs; speed-up = eager upstream p50 / p50; peak RSS = the contender's own process"
+             + ("; GPU contenders timed on GPU-resident inputs with a synchronize per call (no host<->device copies)." if gpu else "."), ""]
     for mname, m in result["models"].items():
         fl = m["flops"]
         lines += [f"**{m['label']}**: {fl['upstream'] / 1e9:.3f} GFLOP/image upstream (3 ISTA GEMMs), {fl['folded'] / 1e9:.3f} folded "
                   f"(FlopCounterMode {'agrees' if fl['analytic_matches_counter'] else 'DISAGREES: ' + str((fl['counted_upstream'], fl['counted_folded']))})", "",
-                  "| contender | precision | batch | p50 ms | p99 ms | images/s | speed-up | roofline min ms (% of ceiling) | peak RSS MB | size MB |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| contender | precision | batch | p50 ms | p99 ms | images/s | speed-up | roofline min ms (% of ceiling) | peak RSS MB | "
+                  + ("GPU peak MB | " if gpu else "") + "size MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+        pad = " |" * (7 + gpu)
         for c in m["bench"]["contenders"]:
             for b, r in c["results"].items():
                 if "p50_ms" not in r:
-                    lines.append(f"| {c['name']} | {precision_of(c)} | {b} | failed: {r.get('error', '')} | | | | | | |")
+                    lines.append(f"| {c['name']} | {precision_of(c)} | {b} | failed: {r.get('error', '')}{pad}")
                     continue
                 rf = r.get("roofline")
                 rft = f"{rf['min_ms']:.3f} ({100 * rf['fraction_of_ceiling']:.0f}%)" if rf else "n/a"
                 size = f"{c['size_bytes'] / 1e6:.1f}" if c.get("size_bytes") else "-"
                 rss = f"{c['peak_rss_mb']:.0f}" if c.get("peak_rss_mb") else "n/a"
+                gmb = (f"{c['gpu_peak_mb']:.0f} | " if c.get("gpu_peak_mb") else "n/a | ") if gpu else ""
                 lines.append(f"| {c['name']} | {precision_of(c)} | {b} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['throughput_ips']:.0f} "
-                             f"| {r.get('speedup_vs_upstream', float('nan')):.2f}x | {rft} | {rss} | {size} |")
+                             f"| {r.get('speedup_vs_upstream', float('nan')):.2f}x | {rft} | {rss} | {gmb}{size} |")
         for k, v in m["bench"]["skipped"].items():
-            lines.append(f"| {k} | | | skipped: {v} | | | | | | |")
+            lines.append(f"| {k} | | | skipped: {v}{pad}")
         for b, sb in m.get("speedup_bound", {}).items():
             mx = sb["max_speedup"]
             lines += ["", f"Upper bound on the speed-up over eager upstream at batch {b} on this machine (GEMMs alone at the ceilings "
@@ -350,9 +436,17 @@ def render_md(result: dict) -> str:
         lines.append("")
     for k, v in result["targets_skipped"].items():
         lines.append(f"- {k}: {v}")
-    lines += ["", f"GEMM ceilings (best of shapes {', '.join('x'.join(map(str, sh)) for sh in ceil['shapes'])}; {ceil['threads']} threads): "
-              + ", ".join(f"{p} {ceil[p]['gflops']:.1f} G{'OP' if p == 'int8' else 'FLOP'}/s ({ceil[p]['how']}, {'x'.join(map(str, ceil[p]['shape']))})"
-                          for p in ("fp32", "bf16", "int8") if ceil[p]["gflops"])]
+    seen = []
+    for m in result["models"].values():
+        ceil = m.get("gemm_ceilings", result["gemm_ceilings"])
+        if ceil in seen:
+            continue
+        seen.append(ceil)
+        users = [v["label"].split(" (")[0] for v in result["models"].values() if v.get("gemm_ceilings", result["gemm_ceilings"]) == ceil]
+        lines += ["", f"GEMM ceilings{' measured with ' + ', '.join(users) if len(result['models']) > 1 else ''} (best of shapes {', '.join('x'.join(map(str, sh)) for sh in ceil['shapes'])}; "
+                  + ("CUDA" if gpu else f"{ceil['threads']} threads") + "): "
+                  + ", ".join(f"{p} {ceil[p]['gflops']:.1f} G{'OP' if p == 'int8' else 'FLOP'}/s ({ceil[p]['how']}, {'x'.join(map(str, ceil[p]['shape']))})"
+                              for p in ceil.get("precisions", ("fp32", "bf16", "int8")) if ceil[p]["gflops"])]
     return "\n".join(lines) + "\n"
 
 

@@ -169,6 +169,8 @@ def _split_batches(run, hi: int):
             return run(x)
         parts = [run(x[i : i + hi]) for i in range(0, len(x), hi)]
         return [np.concatenate(p) for p in zip(*parts)]
+    if getattr(run, "device_call", None):  # a GPU runner's tensor-in, tensor-out entry (see _Worker.time_calls)
+        f.device_call, f.max_batch = run.device_call, hi
     return f
 
 
@@ -336,6 +338,8 @@ class _Worker:
         self.timer = None
         self.inputs: dict[int, np.ndarray] = {}
         self.torch_cuda = False
+        self.device_call = None  # (device, fn on a device tensor): GPU contenders are timed on GPU-resident inputs
+        self.dev_inputs: dict[int, Any] = {}
 
     def init(self, spec: dict) -> dict:
         threads = spec.get("threads")
@@ -349,6 +353,8 @@ class _Worker:
             t1 = time.perf_counter()
             run, executor = load_runtime(spec["path"], m, threads)
             info["executor"] = executor
+            if getattr(run, "device_call", None):
+                self.device_call, self.max_batch = run.device_call, run.max_batch
         elif kind == "rpc":
             m = read_artifact(spec["path"])
             import tvm  # noqa: F401  (import time reported apart from load time)
@@ -381,6 +387,13 @@ class _Worker:
                         torch.cuda.synchronize()
                 return [y.float().cpu().numpy()]
 
+            def call(xd):
+                with torch.inference_mode():
+                    return fn(xd)
+
+            if dev == "cuda":
+                self.device_call, self.max_batch = (dev, call), 1 << 30
+
             info["executor"] = f"torch {torch.__version__} ({dev}, {torch.get_num_threads()} threads)"
         self.run = run
         t2 = time.perf_counter()
@@ -408,12 +421,35 @@ class _Worker:
         n = int(spec["n"])
         if self.timer is not None:
             return {"ok": True, "ms": self.timer(x, n)}
+        if self.device_call is not None and len(x) <= self.max_batch:
+            return {"ok": True, "ms": self._time_on_device(x, n), "input_on_device": True}
         ms = []
         for _ in range(n):
             t = time.perf_counter()
             self.run(x)
             ms.append((time.perf_counter() - t) * 1e3)
         return {"ok": True, "ms": ms}
+
+    def _time_on_device(self, x: np.ndarray, n: int) -> list[float]:
+        """Per-call wall time of a GPU contender with its input already on the GPU and a
+        synchronize after each call: launch overhead and kernels, no host<->device copies (the
+        first-call time includes them). Same inputs as every other contender."""
+        import torch
+
+        dev, fn = self.device_call
+        sync = torch.cuda.synchronize if str(dev).startswith("cuda") else (lambda: None)
+        b = len(x)
+        if b not in self.dev_inputs:
+            self.dev_inputs[b] = torch.from_numpy(x).to(dev)
+        xd = self.dev_inputs[b]
+        sync()
+        ms = []
+        for _ in range(n):
+            t = time.perf_counter()
+            fn(xd)
+            sync()
+            ms.append((time.perf_counter() - t) * 1e3)
+        return ms
 
     def done(self, spec) -> dict:
         mem = _rss_mb()
@@ -548,24 +584,30 @@ class BenchReport:
         d = self.data
         s = d["settings"]
         timing = f"{s['seconds']} s per contender" if s.get("seconds") else f"{s['iters']} iterations"
+        gpu = any(c.get("gpu_peak_mb") for c in self.contenders)
+        where = d["host"]["cpu"] + (f", GPU {d['host']['gpu']}" if gpu and d["host"].get("gpu") else "")
         lines = [f"{d['source_model'].get('label', 'source model')}: {s['threads']} threads, {timing} in {s['rounds']} interleaved "
-                 f"rounds after {s['warmup']} warm-up, {d['host']['cpu']}", "",
+                 f"rounds after {s['warmup']} warm-up, {where}", "",
                  "| contender | batch | p50 ms | p90 ms | p99 ms | images/s | vs eager upstream | max abs vs upstream "
-                 "| load s | first call ms | peak RSS MB | size MB |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "| load s | first call ms | peak RSS MB | " + ("GPU peak MB | " if gpu else "") + "size MB |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
         f = lambda v, fmt: "n/a" if v is None else format(v, fmt)  # noqa: E731
+        pad = " |" * (10 + gpu)
         for c in self.contenders:
             for b, r in c["results"].items():
                 if "error" in r:
-                    lines.append(f"| {c['name']} | {b} | failed: {r['error']} | | | | | | | | | |")
+                    lines.append(f"| {c['name']} | {b} | failed: {r['error']}{pad}")
                     continue
                 lines.append(f"| {c['name']} | {b} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['throughput_ips']:.1f} "
                              f"| {f(r.get('speedup_vs_upstream'), '.2f')}x | {f(r.get('max_abs_vs_upstream'), '.1e')} "
                              f"| {f(c.get('load_s'), '.2f')} | {f(r.get('first_ms'), '.1f')} | {f(c.get('peak_rss_mb'), '.0f')} "
-                             f"| {f(c['size_bytes'] / 1e6 if c.get('size_bytes') else None, '.2f')} |")
+                             + (f"| {f(c.get('gpu_peak_mb'), '.0f')} " if gpu else "")
+                             + f"| {f(c['size_bytes'] / 1e6 if c.get('size_bytes') else None, '.2f')} |")
         for k, v in d["skipped"].items():
-            lines.append(f"| {k} | | skipped: {v} | | | | | | | | | |")
+            lines.append(f"| {k} | | skipped: {v}{pad}")
         lines += ["", f"Peak RSS: {d['memory_note']}"]
+        if any(r.get("input_on_device") for c in self.contenders for r in c["results"].values()):
+            lines.append(f"GPU timing: {s['gpu_timing']}")
         return "\n".join(lines)
 
     def plot_axes(self, axes, title: str = "") -> None:
@@ -698,6 +740,13 @@ def bench(artifacts, batch=(1,), threads: int | None = None, warmup: int = 3, it
     bad = [b for b in baselines if b not in BASELINES]
     if bad:
         raise CrateEdgeError(f"unknown baseline(s) {', '.join(bad)}; known: {', '.join(BASELINES)}")
+    if device not in ("cpu", "cuda"):
+        raise CrateEdgeError(f"device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and baselines:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise CrateEdgeError("device cuda: torch sees no CUDA GPU here (torch " + torch.__version__ + ")")
     if rpc_key and not rpc:
         raise CrateEdgeError("--rpc-key needs --rpc TRACKER_HOST:PORT")
     if rpc:
@@ -822,6 +871,8 @@ def bench(artifacts, batch=(1,), threads: int | None = None, warmup: int = 3, it
                         say(f"{n} failed at batch {b}: {r['error']}")
                         continue
                     times[n].extend(r["ms"])
+                    if r.get("input_on_device"):
+                        by_name[n]["results"][str(b)]["input_on_device"] = True
                 say(f"batch {b} round {i + 1}/{rounds}: " + ", ".join(f"{n} {np.median(times[n]):.2f} ms" for n in live))
             ref = logits.get(up) if up in live else None
             base = None
@@ -866,7 +917,10 @@ def bench(artifacts, batch=(1,), threads: int | None = None, warmup: int = 3, it
         "host": host_info(),
         "settings": {"batch": list(batches), "threads": threads, "warmup": warmup, "iters": iters, "seconds": seconds, "rounds": rounds,
                      "input": f"standard normal float32 (seed 0), shape (batch, {', '.join(map(str, shape))})",
-                     "rpc": rpc, "rpc_key": rpc_key, "baseline_device": device},
+                     "rpc": rpc, "rpc_key": rpc_key, "baseline_device": device,
+                     "gpu_timing": "GPU contenders (torch on cuda, AOTInductor CUDA): input resident on the GPU, "
+                                   "wall time of one call plus a synchronize (launches and kernels, no host<->device "
+                                   "copies; first_ms includes them)"},
         "source_model": {"sha256": sha, "config": cfg, "label": src_label},
         "contenders": contenders, "skipped": skipped,
         "memory_note": ("peak resident set size (VmHWM) of the contender's own worker process: Python, the libraries it "

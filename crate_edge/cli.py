@@ -159,7 +159,6 @@ def demo(out):
     """The main job on the embedded reference model: evaluate it and measure its white box.
 
     Python: crate_edge.load_model(), crate_edge.evaluate(), crate_edge.whitebox.measure()"""
-    import torch
 
     from . import evaluate
     from .checkpoint import load_model
@@ -203,9 +202,7 @@ def targets():
         t = load_target(name)
         be = get_backend(t.backend)
         ok, why = be.available()
-        tgt = t.options.get("target")
-        cuda = t.options.get("device") == "cuda" or (isinstance(tgt, dict) and tgt.get("kind") == "cuda")
-        run_ok, run_why = be.can_run({"backend": {"device": "cuda" if cuda else "cpu"}})
+        run_ok, run_why = be.can_run({"backend": {"device": t.device}})
         status = "compile: yes" if ok else f"compile: NO ({why})"
         status += ", run: yes" if run_ok else f", run: NO ({run_why})"
         click.echo(f"{name:<16} {t.backend:<12} {t.precision:<5} {status}")

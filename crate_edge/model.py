@@ -13,7 +13,6 @@ and crate-edge's safetensors files load into upstream code.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 

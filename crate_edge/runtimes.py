@@ -8,8 +8,12 @@ import numpy as np
 
 
 def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None):
-    """An ONNX Runtime session (CUDA provider first where present, else CPU)."""
+    """An ONNX Runtime session on the first available of `providers` (default: CUDA where
+    present, else CPU). A list without the CPU provider is strict: none of it available is an
+    error, and no node may fall back to the CPU (a "CUDA" number must be a CUDA number)."""
     import onnxruntime as ort
+
+    from .errors import CrateEdgeError
 
     so = ort.SessionOptions()
     if threads:
@@ -17,8 +21,14 @@ def ort_session(path: Path, threads: int | None = None, providers: list[str] | N
         so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     avail = ort.get_available_providers()
-    provs = [p for p in (providers or ["CUDAExecutionProvider", "CPUExecutionProvider"]) if p in avail] or ["CPUExecutionProvider"]
-    return ort.InferenceSession(str(path), so, providers=provs)
+    want = list(providers or ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    provs = [p for p in want if p in avail]
+    if "CPUExecutionProvider" not in want:
+        if not provs:
+            raise CrateEdgeError(f"onnxruntime here has none of {', '.join(want)} (available: {', '.join(avail)}); "
+                                 "for CUDA install onnxruntime-gpu")
+        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    return ort.InferenceSession(str(path), so, providers=provs or ["CPUExecutionProvider"])
 
 
 def tvm_vm_runner(lib_path: Path, device: str, static_batch: int | None = None, threads: int | None = None):

@@ -37,6 +37,15 @@ class Target:
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
+    def device(self) -> str:
+        """Where the target's artifacts execute: "cuda" (options.device, a TVM cuda target, or
+        TensorRT) or "cpu"."""
+        tgt = self.options.get("target")
+        if self.options.get("device") == "cuda" or (isinstance(tgt, dict) and tgt.get("kind") == "cuda") or self.backend == "tensorrt":
+            return "cuda"
+        return "cpu"
+
+    @property
     def tolerances(self) -> dict[str, float]:
         return tolerances_for(self.raw or {"precision": self.precision, "quantize": self.quantize, "parity": self.parity})
 

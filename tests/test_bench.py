@@ -298,3 +298,101 @@ def test_quiesce_waits_for_a_busy_worker():
     finally:
         p.kill()
         p.wait()
+
+
+# ------------------------------------------------------------------ GPU paths, as far as a CPU host can check them
+
+def _table_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_table", ROOT / "bench" / "table.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_table_target_selection_by_device():
+    """CPU runs measure the CPU targets; --device cuda the GPU ones, each GPU target that cannot
+    run here listed with the reason (never timed on the CPU instead)."""
+    from crate_edge.targets import list_targets, load_target
+
+    t = _table_module()
+    cpu, cpu_skip = t.runnable_targets(None, "cpu")
+    gpu_names = [n for n in list_targets() if load_target(n).device == "cuda"]
+    assert {"aoti-cuda", "onnxruntime-cuda", "tvm-cuda", "tensorrt"} <= set(gpu_names)
+    assert not set(gpu_names) & (set(cpu) | set(cpu_skip))
+    gpu, gpu_skip = t.runnable_targets(None, "cuda")
+    import torch
+
+    if not torch.cuda.is_available():
+        assert gpu == [] and set(gpu_skip) == set(gpu_names)
+        assert "no CUDA GPU" in gpu_skip["aoti-cuda"]
+        pytest.importorskip("onnxruntime")
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            assert "none of CUDAExecutionProvider" in gpu_skip["onnxruntime-cuda"]
+
+
+def test_table_device_errors(tmp_path):
+    import torch
+
+    if not torch.cuda.is_available():
+        p = subprocess.run([sys.executable, str(ROOT / "bench" / "table.py"), "--device", "cuda", "--out", str(tmp_path)],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --device cuda: torch"), p.stderr[-500:]
+        with pytest.raises(CrateEdgeError, match="no CUDA GPU"):
+            bench([tmp_path], device="cuda")
+    (tmp_path / "table.json").write_text(json.dumps({"settings": {"device": "cuda"}, "models": {}}))
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "table.py"), "--quick", "--append", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "was measured on cuda, this run is cpu" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_rate_waits_for_queued_work():
+    """The GEMM-ceiling timer reads its clock only after sync() (a GPU's queued kernels)."""
+    t = _table_module()
+    log = []
+    g = t._rate(lambda: log.append("f"), 1e9, 0.01, sync=lambda: log.append("s"))
+    assert g > 0 and log[-1] == "s" and log.count("s") >= 5
+
+
+def test_device_resident_timing_path():
+    """The worker's tensor-in timing path (used for GPU contenders), exercised on the CPU: one
+    input copy per batch size, one time per call."""
+    import torch
+
+    from crate_edge.bench import _Worker
+
+    w = _Worker()
+    seen = []
+    w.device_call, w.max_batch = ("cpu", lambda x: seen.append(x) or x * 2), 8
+    w.run = lambda x: [x]
+    x = np.ones((2, 3), np.float32)
+    w.inputs[2] = x
+    r = w.time_calls({"batch": 2, "input": "unused", "n": 4})
+    assert r["input_on_device"] and len(r["ms"]) == 4 and all(m >= 0 for m in r["ms"])
+    assert len(seen) == 4 and all(isinstance(s, torch.Tensor) and s is seen[0] for s in seen)  # copied once, reused
+    w.inputs[16] = np.ones((16, 3), np.float32)
+    r = w.time_calls({"batch": 16, "input": "unused", "n": 2})
+    assert "input_on_device" not in r and len(seen) == 4  # above max_batch: the host path
+
+
+def test_gpu_only_onnxruntime_target_is_never_run_on_the_cpu(tmp_path):
+    """onnxruntime-cuda names the CUDA provider alone. On a host without it, compiling works and
+    its parity runs on the CPU provider, labelled as a stand-in with execution not verified;
+    a session refuses it; bench skips it with the reason instead of timing it on the CPU."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    from crate_edge.runtimes import ort_session
+
+    art = crate_edge.compile(None, "onnxruntime-cuda", out=tmp_path / "ortc", parity_limit=32, log=lambda s: None)
+    m = art.manifest
+    assert m["backend"]["device"] == "cuda" and "CUDAExecutionProvider" in m["not_verified"]["execution"]
+    assert "not the CUDA provider" in m["parity"]["executor"] and m["parity"]["passed"]
+    with pytest.raises(CrateEdgeError, match="none of CUDAExecutionProvider"):
+        ort_session(art.path / "model.onnx", providers=["CUDAExecutionProvider"])
+    with pytest.raises(CrateEdgeError, match="nothing could run here: onnxruntime-cuda: .*none of CUDAExecutionProvider"):
+        bench([art.path], baselines=(), iters=2, warmup=0, progress=False)

@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 
-import crate_edge
 from crate_edge import CrateEdgeError, load_model, save_model
 from crate_edge.checkpoint import import_checkpoint
 

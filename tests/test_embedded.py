@@ -4,7 +4,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import crate_edge
 from crate_edge import CrateEdgeError

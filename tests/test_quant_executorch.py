@@ -12,7 +12,7 @@ from crate_edge.artifact import load_artifact  # noqa: E402
 from crate_edge.backends import executorch as et  # noqa: E402
 from crate_edge.compiler import check_tolerances, compile  # noqa: E402
 from crate_edge.errors import CrateEdgeError  # noqa: E402
-from crate_edge.quantize import QuantConfig, QuantPlan, all_sites, quant_sites  # noqa: E402
+from crate_edge.quantize import QuantConfig, quant_sites  # noqa: E402
 from crate_edge.targets import load_target  # noqa: E402
 
 

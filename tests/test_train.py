@@ -6,7 +6,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 from crate_edge import CrateEdgeError, load_model
 from crate_edge.train import load_recipe, train

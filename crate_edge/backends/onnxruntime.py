@@ -317,6 +317,20 @@ class ONNXRuntimeBackend(Backend):
     def dists(self):
         return ["onnx", "onnxscript", "onnxruntime"]
 
+    def can_run(self, manifest: dict | None = None):
+        """Runs wherever onnxruntime imports; a target that names only GPU providers (no
+        CPUExecutionProvider) also needs one of them in this onnxruntime build."""
+        ok, why = super().can_run()
+        want = ((manifest or {}).get("target", {}).get("definition", {}).get("options", {}).get("providers")
+                or (["CUDAExecutionProvider"] if (manifest or {}).get("backend", {}).get("device") == "cuda" else None))
+        if ok and want and "CPUExecutionProvider" not in want:
+            import onnxruntime as ort
+
+            avail = ort.get_available_providers()
+            if not set(want) & set(avail):
+                return False, f"onnxruntime here has none of {', '.join(want)} (available: {', '.join(avail)}; install onnxruntime-gpu)"
+        return ok, why
+
     def compile(self, module, ep, example, target, out: Path, quant=None) -> Compiled:
         opset = int(target.options.get("opset", 18))
         if quant is None:
@@ -324,8 +338,13 @@ class ONNXRuntimeBackend(Backend):
                 raise CrateEdgeError(f"target {target.name}: precision {target.precision} needs a [quantize] table (scheme int8)")
             export_onnx(ep, example, out / MODEL, opset)
             ops = op_inventory(out / MODEL)
-            return Compiled(files=[MODEL], precision={"*": "fp32"}, info={"opset": opset, "ops": ops},
-                            verified={"execution": "onnxruntime on this machine"})
+            run_ok, why = self.can_run({"target": {"definition": {"options": target.options}}, "backend": {"device": target.device}})
+            if run_ok:
+                return Compiled(files=[MODEL], precision={"*": "fp32"}, info={"opset": opset, "ops": ops, "device": target.device},
+                                verified={"execution": "onnxruntime on this machine"})
+            return Compiled(files=[MODEL], precision={"*": "fp32"}, info={"opset": opset, "ops": ops, "device": target.device},
+                            verified={"execution": "the same ONNX file on onnxruntime's CPU provider (parity)"},
+                            not_verified={"execution": f"{', '.join(target.options.get('providers', []))}: {why}"})
         qc = quant.config
         if qc.scheme != "int8" or qc.activations != "static":
             raise CrateEdgeError(f"target {target.name}: onnxruntime quantizes scheme int8 with static activations only "
@@ -348,3 +367,8 @@ class ONNXRuntimeBackend(Backend):
     def load(self, art_dir: Path, manifest: dict):
         opts = manifest["target"]["definition"].get("options", {})
         return ort_runner(art_dir / MODEL, opts.get("threads"), opts.get("providers"))
+
+    def reference_runner(self, art_dir: Path, manifest: dict):
+        """A GPU-provider artifact on a host without that provider: the same file on the CPU provider."""
+        return ort_runner(art_dir / MODEL, None, ["CPUExecutionProvider"]), \
+            "onnxruntime CPU provider on the same ONNX file, not the CUDA provider"
