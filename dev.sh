@@ -45,7 +45,9 @@ setup() {
 
 case "${1:-}" in
   main) setup; exec .venv/bin/crate-edge demo "${@:2}" ;;
-  test) setup; exec .venv/bin/python -m pytest -q "${@:2}" ;;
+  # two pytest-xdist workers, each test file on one worker (its module fixtures built once);
+  # CRATE_EDGE_TEST_WORKERS=0 runs in one process
+  test) setup; exec .venv/bin/python -m pytest -q -n "${CRATE_EDGE_TEST_WORKERS:-2}" --dist loadfile "${@:2}" ;;
   setup) setup ;;
   *) echo "usage: ./dev.sh main|test|setup [args...]" >&2; exit 2 ;;
 esac

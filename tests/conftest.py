@@ -10,7 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("CRATE_EDGE_SHARED", ROOT.parent / "shared"))
 REF = SHARED / "reference"
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# pytest-xdist workers (./dev.sh test runs the suite in two) share the cores: one each then
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
 
 
 @pytest.fixture(scope="session")
