@@ -250,7 +250,7 @@ def runnable_targets(names: list[str] | None, device: str = "cpu") -> tuple[list
     for name in names or [n for n in list_targets() if load_target(n).device == device]:
         t = load_target(name)
         be = get_backend(t.backend)
-        ok, why = be.available()
+        ok, why = be.can_compile(t)
         if not ok:
             skipped[name] = f"cannot compile here: {why}"
             continue

@@ -201,8 +201,8 @@ def targets():
     for name in list_targets():
         t = load_target(name)
         be = get_backend(t.backend)
-        ok, why = be.available()
-        run_ok, run_why = be.can_run({"backend": {"device": t.device}})
+        ok, why = be.can_compile(t)
+        run_ok, run_why = be.can_run({"backend": {"device": t.device}, "target": {"definition": t.raw}})
         status = "compile: yes" if ok else f"compile: NO ({why})"
         status += ", run: yes" if run_ok else f", run: NO ({run_why})"
         click.echo(f"{name:<16} {t.backend:<12} {t.precision:<5} {status}")

@@ -85,6 +85,11 @@ def compile(model=None, target: str | Target = "onnxruntime", out: str | os.Path
     t = target if isinstance(target, Target) else load_target(target)
     be = get_backend(t.backend)
     be.require()
+    ok, why = be.can_compile(t)
+    if not ok:
+        from .errors import BackendUnavailable
+
+        raise BackendUnavailable(f"target {t.name}: {why}")
     src = model if isinstance(model, torch.nn.Module) else load_model(model)
     src = src.eval()
     cfg = src.cfg
@@ -167,7 +172,7 @@ def compile_each(model, targets, root, prefix: str = "", reuse: bool = False, lo
     arts, skipped = {}, {}
     for name in targets:
         t = name if isinstance(name, Target) else load_target(name)
-        ok, why = get_backend(t.backend).available()
+        ok, why = get_backend(t.backend).can_compile(t)
         if not ok:
             skipped[t.name] = why
             say(f"[skip] {t.name}: {why}")

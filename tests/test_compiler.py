@@ -140,6 +140,18 @@ def test_aoti_artifact(micro, tmp_path):
         assert np.abs(art(_x(micro, b)) - _eager(micro, _x(micro, b))).max() <= 1e-4
 
 
+def test_aoti_cuda_needs_a_gpu_to_compile(micro, tmp_path):
+    import torch
+
+    from crate_edge.errors import BackendUnavailable
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: aoti-cuda compiles here")
+    with pytest.raises(BackendUnavailable, match="aoti-cuda: AOTInductor compiles a CUDA package on a CUDA host"):
+        compile(micro, "aoti-cuda", out=tmp_path / "a", log=lambda s: None)
+    assert not (tmp_path / "a").exists()
+
+
 def test_coreml_conversion_is_verified_but_not_executed_here(micro, tmp_path):
     pytest.importorskip("coremltools")
     import platform

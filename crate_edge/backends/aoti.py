@@ -27,6 +27,12 @@ class AOTIBackend(Backend):
             return False, "no C++ compiler on PATH (AOTInductor compiles C++)"
         return True, ""
 
+    def can_compile(self, target):
+        ok, why = self.available()
+        if ok and target.device == "cuda" and not torch.cuda.is_available():
+            return False, "AOTInductor compiles a CUDA package on a CUDA host, and there is no CUDA GPU here"
+        return ok, why
+
     def can_run(self, manifest: dict | None = None):
         ok, why = super().can_run()
         if ok and (manifest or {}).get("backend", {}).get("device") == "cuda" and not torch.cuda.is_available():

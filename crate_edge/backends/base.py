@@ -45,6 +45,10 @@ class Backend:
             return False, f"{', '.join(miss)} not installed (pip install 'crate-edge[{self.extra}]')"
         return True, ""
 
+    def can_compile(self, target) -> tuple[bool, str]:
+        """Can this machine compile this target? available(), unless the target needs more."""
+        return self.available()
+
     def can_run(self, manifest: dict | None = None) -> tuple[bool, str]:
         """Can this machine execute the backend's artifacts?"""
         miss = self.missing(self.runtime_packages if self.runtime_packages is not None else self.packages)
