@@ -340,6 +340,7 @@ class _Worker:
         self.torch_cuda = False
         self.device_call = None  # (device, fn on a device tensor): GPU contenders are timed on GPU-resident inputs
         self.dev_inputs: dict[int, Any] = {}
+        self.max_batch = 0
 
     def init(self, spec: dict) -> dict:
         threads = spec.get("threads")
@@ -918,7 +919,7 @@ def bench(artifacts, batch=(1,), threads: int | None = None, warmup: int = 3, it
         "settings": {"batch": list(batches), "threads": threads, "warmup": warmup, "iters": iters, "seconds": seconds, "rounds": rounds,
                      "input": f"standard normal float32 (seed 0), shape (batch, {', '.join(map(str, shape))})",
                      "rpc": rpc, "rpc_key": rpc_key, "baseline_device": device,
-                     "gpu_timing": "GPU contenders (torch on cuda, AOTInductor CUDA): input resident on the GPU, "
+                     "gpu_timing": "GPU contenders (torch on cuda, AOTInductor CUDA, TensorRT): input resident on the GPU, "
                                    "wall time of one call plus a synchronize (launches and kernels, no host<->device "
                                    "copies; first_ms includes them)"},
         "source_model": {"sha256": sha, "config": cfg, "label": src_label},
