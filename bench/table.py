@@ -254,7 +254,7 @@ def runnable_targets(names: list[str] | None, device: str = "cpu") -> tuple[list
         if not ok:
             skipped[name] = f"cannot compile here: {why}"
             continue
-        ok, why = be.can_run({"backend": {"device": t.device}, "target": {"definition": t.raw}})
+        ok, why = be.can_run_target(t)
         if not ok:
             skipped[name] = f"cannot run here: {why}"
             continue

@@ -202,7 +202,7 @@ def targets():
         t = load_target(name)
         be = get_backend(t.backend)
         ok, why = be.can_compile(t)
-        run_ok, run_why = be.can_run({"backend": {"device": t.device}, "target": {"definition": t.raw}})
+        run_ok, run_why = be.can_run_target(t)
         status = "compile: yes" if ok else f"compile: NO ({why})"
         status += ", run: yes" if run_ok else f", run: NO ({run_why})"
         click.echo(f"{name:<16} {t.backend:<12} {t.precision:<5} {status}")

@@ -7,6 +7,19 @@ from pathlib import Path
 import numpy as np
 
 
+def provider_gap(providers: list[str] | None) -> str | None:
+    """Why ONNX Runtime here cannot honour a provider list that names no CPUExecutionProvider
+    (a GPU-only list); None when it can (any list with the CPU provider can)."""
+    if not providers or "CPUExecutionProvider" in providers:
+        return None
+    import onnxruntime as ort
+
+    avail = ort.get_available_providers()
+    if set(providers) & set(avail):
+        return None
+    return f"onnxruntime here has none of {', '.join(providers)} (available: {', '.join(avail)}; install onnxruntime-gpu)"
+
+
 def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None):
     """An ONNX Runtime session on the first available of `providers` (default: CUDA where
     present, else CPU). A list without the CPU provider is strict: none of it available is an
@@ -20,15 +33,14 @@ def ort_session(path: Path, threads: int | None = None, providers: list[str] | N
         so.intra_op_num_threads = int(threads)
         so.inter_op_num_threads = 1
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    avail = ort.get_available_providers()
     want = list(providers or ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    provs = [p for p in want if p in avail]
+    gap = provider_gap(want)
+    if gap:
+        raise CrateEdgeError(gap)
     if "CPUExecutionProvider" not in want:
-        if not provs:
-            raise CrateEdgeError(f"onnxruntime here has none of {', '.join(want)} (available: {', '.join(avail)}); "
-                                 "for CUDA install onnxruntime-gpu")
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
-    return ort.InferenceSession(str(path), so, providers=provs or ["CPUExecutionProvider"])
+    avail = ort.get_available_providers()
+    return ort.InferenceSession(str(path), so, providers=[p for p in want if p in avail] or ["CPUExecutionProvider"])
 
 
 def tvm_vm_runner(lib_path: Path, device: str, static_batch: int | None = None, threads: int | None = None):

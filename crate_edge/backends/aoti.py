@@ -42,11 +42,7 @@ class AOTIBackend(Backend):
     def compile(self, module, ep, example, target, out: Path, quant=None) -> Compiled:
         if quant is not None:
             raise CrateEdgeError(f"backend {self.name} has no reduced-precision path yet")
-        device = target.options.get("device", "cpu")
-        if device == "cuda" and not torch.cuda.is_available():
-            from .base import unavailable
-
-            raise unavailable(self.name, "device = cuda but no CUDA GPU is present")
+        device = target.device  # compile() has checked can_compile: a cuda target means a GPU here
         if device == "cuda":
             module = module.cuda()
             from ..compiler import export

@@ -49,6 +49,10 @@ class Backend:
         """Can this machine compile this target? available(), unless the target needs more."""
         return self.available()
 
+    def can_run_target(self, target) -> tuple[bool, str]:
+        """can_run for the artifacts a target file would produce (before compiling one)."""
+        return self.can_run({"backend": {"device": target.device}, "target": {"definition": target.raw}})
+
     def can_run(self, manifest: dict | None = None) -> tuple[bool, str]:
         """Can this machine execute the backend's artifacts?"""
         miss = self.missing(self.runtime_packages if self.runtime_packages is not None else self.packages)
