@@ -1,11 +1,10 @@
-"""Declarative target definitions: one TOML file per target variant (crate_edge/targets/,
-also reachable as ./targets in a checkout). `--target NAME` resolves to NAME.toml there; a path
-to a user's own .toml works too."""
+"""Declarative target definitions: one TOML file per target variant, in the checkout's top-level
+targets/ (installed from a wheel as crate_edge/builtin_targets/; targets_dir() finds either).
+`--target NAME` resolves to NAME.toml there; a path to a user's own .toml works too."""
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +63,19 @@ _KEYS = {"name", "backend", "precision", "description", "rewrites", "options", "
 
 
 def targets_dir() -> Path:
-    return Path(str(resources.files("crate_edge") / "targets"))
+    """The built-in target definitions: crate_edge/builtin_targets/ in an installed wheel, the
+    checkout's top-level targets/ in an editable install or with the checkout on PYTHONPATH. (An
+    editable install cannot import crate_edge.builtin_targets itself: setuptools' editable finder
+    does not resolve a namespace subpackage mapped outside its parent, pypa/setuptools#4943, so
+    this looks the directory up instead of importing it.)"""
+    here = Path(__file__).resolve().parent
+    installed, checkout = here / "builtin_targets", here.parent / "targets"
+    if installed.is_dir():
+        return installed
+    if checkout.is_dir() and (here.parent / "pyproject.toml").is_file():
+        return checkout
+    raise CrateEdgeError(f"the built-in target definitions are missing: neither {installed} (an installed wheel) "
+                         f"nor {checkout} (a source checkout) exists; reinstall crate-edge")
 
 
 def list_targets() -> list[str]:
