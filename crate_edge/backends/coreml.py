@@ -31,7 +31,6 @@ labelled "not Core ML".
 """
 from __future__ import annotations
 
-import logging
 import platform
 from pathlib import Path
 
@@ -401,7 +400,6 @@ class CoreMLBackend(Backend):
     def compile(self, module, ep, example, target, out: Path, quant=None) -> Compiled:
         import coremltools as ct
 
-        logging.getLogger("coremltools").setLevel(logging.ERROR)
         opts = target.options
         tgt_name = opts.get("minimum_deployment_target", "iOS18")
         if not hasattr(ct.target, tgt_name):

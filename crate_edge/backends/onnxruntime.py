@@ -168,20 +168,6 @@ def _reader(name: str, x: torch.Tensor, bs: int = 32):
     return Reader()
 
 
-@contextlib.contextmanager
-def _quiet():
-    """ORT's quantizer logs a pre-processing hint at WARNING on the root logger."""
-    import logging
-
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.setLevel(level)
-
-
 def _calibrate(fp32_path: Path, op_types, plan, input_name: str, work: Path, cache: Path, symmetric: bool) -> None:
     """Tensor ranges for quantize_static with ORT's calibrators, written to its calibration cache
     (quantize_static itself cannot be given the entropy calibrator's bin counts)."""
@@ -283,7 +269,9 @@ def quantize_int8_qdq(fp32_path: Path, out_path: Path, plan, opts: dict, input_n
         op_types = list(GEMM_OPS)
         nodes = sorted(site_map.values())
         extra["OpTypesToExcludeOutputQuantization"] = list(GEMM_OPS)  # GEMM outputs stay float
-    with tempfile.TemporaryDirectory(prefix="crate-ort-q-") as td, contextlib.redirect_stdout(io.StringIO()), _quiet():
+    # ORT's quantizer also logs a pre-processing hint with logging.warning() on the root logger;
+    # that is the application's to show or hide (the CLI hides it unless -v), not this library's
+    with tempfile.TemporaryDirectory(prefix="crate-ort-q-") as td, contextlib.redirect_stdout(io.StringIO()):
         tmp, cache = Path(td) / "q.onnx", Path(td) / "ranges.json"
         _calibrate(fp32_path, op_types, plan, input_name, Path(td), cache, sym)
         quantize_static(str(fp32_path), str(tmp), None, quant_format=QuantFormat.QDQ,
