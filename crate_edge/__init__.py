@@ -2,20 +2,20 @@
 ExecuTorch, ONNX Runtime and AOTInductor, with proof of parity and measured speed."""
 from __future__ import annotations
 
+from ._version import __version__
 from .checkpoint import import_checkpoint, load_model, save_model
 from .errors import BackendUnavailable, CrateEdgeError
 from .model import CRATE, VARIANTS, CrateConfig, create_model, list_variants
 
-__version__ = "0.1.0"
 
-
-def evaluate(model, data: str = "fashion-mnist:test", batch_size: int = 256, progress: bool = False) -> dict:
-    """Top-1 accuracy of `model` on a dataset spec (see crate_edge.data)."""
-    from .data import load_dataset
+def evaluate(model, data="fashion-mnist:test", batch_size: int = 256, progress: bool = False) -> dict:
+    """Top-1 accuracy and mean cross-entropy of `model` on labelled data: any crate_edge.data
+    spec (test split), e.g. an .npz with float32 `x` and labels `y`. Unlabelled data is an error."""
+    from .data import open_inputs
     from .train import evaluate as _evaluate
 
-    ds = load_dataset(data, "test", model.cfg.image_size, model.cfg.channels)
-    return _evaluate(model, ds, model.cfg, batch_size=batch_size, progress=progress)
+    ds = open_inputs(data, model.cfg, "test").require_labels("evaluation", model.cfg.num_classes)
+    return _evaluate(model, ds, batch_size=batch_size, progress=progress)
 
 
 def compile(model=None, target: str = "onnxruntime", **kw):

@@ -645,13 +645,14 @@ class BenchReport:
         plt.close(fig)
 
     def write(self, out_dir, stem: str = "bench") -> list[Path]:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = [out / f"{stem}.json", out / f"{stem}.md", out / f"{stem}.png"]
-        paths[0].write_text(json.dumps(self.data, indent=1))
-        paths[1].write_text(self.table() + "\n")
-        self.plot(paths[2])
-        return paths
+        from .outputs import atomic_dir
+
+        names = [f"{stem}.json", f"{stem}.md", f"{stem}.png"]
+        with atomic_dir(out_dir, "report") as tmp:
+            (tmp / names[0]).write_text(json.dumps(self.data, indent=1))
+            (tmp / names[1]).write_text(self.table() + "\n")
+            self.plot(tmp / names[2])
+        return [Path(out_dir) / n for n in names]
 
 
 def parse_batches(spec) -> tuple[int, ...]:

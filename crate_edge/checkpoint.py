@@ -17,8 +17,6 @@ import math
 import os
 import pickle
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import torch
 
 from .errors import CrateEdgeError
 from .model import CRATE, VARIANTS, CrateConfig
+from .outputs import atomic_dir
 
 FORMAT = "crate-edge"
 FORMAT_VERSION = 1
@@ -42,49 +41,19 @@ _PUBLISHED = {
 # ---------------------------------------------------------------- crate-edge format
 
 def save_model(model: CRATE, out_dir: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
-    """Write `model` in the crate-edge format, atomically (temporary dir, then rename)."""
+    """Write `model` in the crate-edge format, atomically; `out_dir` must be missing, empty or a
+    crate-edge model (crate_edge.outputs.atomic_dir)."""
     from safetensors.torch import save_file
 
     out = Path(out_dir)
     cfg = model.cfg.to_dict()
     doc = {"format": FORMAT, "version": FORMAT_VERSION, "config": cfg, "metadata": metadata or {}}
     sd = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "model") as tmp:
         save_file(sd, str(tmp / WEIGHTS), metadata={"format": FORMAT, "config": json.dumps(cfg)})
         doc["sha256"] = {WEIGHTS: sha256_file(tmp / WEIGHTS)}
         (tmp / CONFIG).write_text(json.dumps(doc, indent=2) + "\n")
     return out
-
-
-class atomic_dir:
-    """Context manager yielding a temporary sibling directory that replaces `target` only when
-    the block completes; on any error (or Ctrl-C) the temporary directory is removed."""
-
-    def __init__(self, target: str | os.PathLike):
-        self.target = Path(target)
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        if self.target.exists() and not self.target.is_dir():
-            raise CrateEdgeError(f"{self.target} exists and is not a directory")
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        self.tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the result from other users
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-            os.replace(self.tmp, self.target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.target)
-        return False
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -1,7 +1,8 @@
 """`crate-edge`: a thin layer over the Python API; each command names its Python equivalent.
 
 Errors in the user's input or environment print one line (`error: ...`) and exit 2; set
-CRATE_EDGE_DEBUG=1 to see the traceback of an unexpected failure.
+CRATE_EDGE_DEBUG=1 to see the traceback of an unexpected failure. Output is crate-edge's own
+lines only; `crate-edge -v CMD` also shows the libraries' warnings and logs (crate_edge.quiet).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pathlib import Path
 import click
 
 from .errors import CrateEdgeError
+from .outputs import atomic_dir, check_writable
 
 
 class _Group(click.Group):
@@ -31,14 +33,24 @@ class _Group(click.Group):
             if os.environ.get("CRATE_EDGE_DEBUG"):
                 raise
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            click.echo(f"error: {type(e).__name__}: {msg[:300]} (set CRATE_EDGE_DEBUG=1 for the traceback)", err=True)
+            from .quiet import active
+
+            more = ", -v for the libraries' output" if active() else ""
+            click.echo(f"error: {type(e).__name__}: {msg[:300]} (set CRATE_EDGE_DEBUG=1 for the traceback{more})", err=True)
             sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="crate-edge")
-def main():
+@click.option("--verbose", "-v", is_flag=True,
+              help="Also show what the libraries underneath print: their warnings, log records, progress bars and native stderr.")
+@click.pass_context
+def main(ctx, verbose):
     """crate-edge: train, compile, quantize, check and benchmark CRATE models."""
+    if not verbose:
+        from .quiet import quiet
+
+        ctx.with_resource(quiet())
 
 
 def _model_options(f):
@@ -57,6 +69,9 @@ def _load(model, heads=None, pool=None):
 
 # ------------------------------------------------------------------ model commands
 
+_DATA_SPECS = ("fashion-mnist[:split], mnist[:split], embedded, FILE.npz (float32 x (N,C,H,W) model inputs + optional "
+               "labels y, or uint8 images + labels), an image folder DIR/<class>/<image>, or an IDX directory.")
+
 @main.command("import")
 @click.argument("ckpt", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (crate-edge format).")
@@ -67,6 +82,7 @@ def import_cmd(ckpt, out, heads, pool):
     Python: crate_edge.import_checkpoint(ckpt, out, heads=, pool=)"""
     from .checkpoint import import_checkpoint, load_model
 
+    check_writable(out)
     path = import_checkpoint(ckpt, out, heads=heads, pool=pool)
     cfg = load_model(path).cfg
     click.echo(f"wrote {path}: CRATE dim={cfg.dim} depth={cfg.depth} heads={cfg.heads}x{cfg.dim_head} "
@@ -89,7 +105,7 @@ def variants():
 
 @main.command()
 @click.argument("model", required=False, default="embedded")
-@click.option("--data", default="embedded", show_default=True, help="Dataset spec (fashion-mnist, mnist, embedded, DIR, FILE.npz).")
+@click.option("--data", default="embedded", show_default=True, metavar="SPEC", help="Data (test split): " + _DATA_SPECS)
 @click.option("--n", "n_images", default=256, show_default=True, help="Number of images to measure on.")
 @click.option("--out", default="out/inspect", show_default=True, type=click.Path(file_okay=False))
 @_model_options
@@ -97,28 +113,25 @@ def inspect(model, data, n_images, out, heads, pool):
     """Per-layer coding rate and sparsity of MODEL (table, JSON and PNG).
 
     Python: crate_edge.whitebox.measure(model, images)"""
-    import torch
-
-    from .data import load_dataset, prepare
+    from .data import open_inputs
     from .whitebox import measure
 
+    check_writable(out)
     m = _load(model, heads, pool)
-    ds = load_dataset(data, "test", m.cfg.image_size, m.cfg.channels)
-    n = min(n_images, len(ds))
-    if n < 1:
-        raise CrateEdgeError(f"dataset {data} is empty")
-    imgs = torch.stack([ds[i][0] for i in range(n)])
-    wb = measure(m, prepare(imgs, m.cfg))
-    Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / "whitebox.json").write_text(json.dumps({"model": str(model), "data": data, **wb.to_dict()}, indent=1))
-    wb.plot(Path(out) / "whitebox.png", title=f"{Path(str(model)).name} on {n} images of {data}")
+    x, _ = open_inputs(data, m.cfg, "test").first(n_images).tensors()
+    n = len(x)
+    wb = measure(m, x)
+    with atomic_dir(out, "report") as tmp:
+        (tmp / "whitebox.json").write_text(json.dumps({"model": str(model), "data": data, **wb.to_dict()}, indent=1))
+        wb.plot(tmp / "whitebox.png", title=f"{Path(str(model)).name} on {n} images of {data}")
     click.echo(wb.table())
     click.echo(f"wrote {out}/whitebox.json and {out}/whitebox.png")
 
 
 @main.command("eval")
 @click.argument("model", required=False, default="embedded")
-@click.option("--data", default="fashion-mnist:test", show_default=True, help="Dataset spec.")
+@click.option("--data", default="fashion-mnist:test", show_default=True, metavar="SPEC",
+              help="Labelled data (test split): " + _DATA_SPECS)
 @click.option("--batch-size", default=256, show_default=True)
 @_model_options
 def eval_cmd(model, data, batch_size, heads, pool):
@@ -147,6 +160,7 @@ def train(recipe, out, epochs, until, resume):
 
     r = load_recipe(recipe)
     out = out or f"runs/{r.name}"
+    check_writable(out)
     last = run(r, out, resume=resume, epochs=epochs, until=until)
     if int(os.environ.get("RANK", "0")) == 0:
         what = f"{out}/model (crate-edge format) and " if (Path(out) / "model").exists() and not until else f"{out}/resume and "
@@ -165,6 +179,7 @@ def demo(out):
     from .data import load_dataset, prepare
     from .whitebox import measure
 
+    check_writable(out)
     m = load_model()
     c = m.cfg
     click.echo(f"embedded reference model: CRATE dim={c.dim} depth={c.depth} heads={c.heads}x{c.dim_head} "
@@ -182,9 +197,9 @@ def demo(out):
     wb = measure(m, prepare(ds.images[:256], c))
     click.echo(f"white box on {wb.n_images} held-out images:")
     click.echo(wb.table())
-    Path(out).mkdir(parents=True, exist_ok=True)
-    wb.plot(Path(out) / "whitebox.png", title="embedded reference model, 256 held-out images")
-    (Path(out) / "demo.json").write_text(json.dumps({"eval": {"data": data, **r}, "whitebox": wb.to_dict()}, indent=1))
+    with atomic_dir(out, "report") as tmp:
+        wb.plot(tmp / "whitebox.png", title="embedded reference model, 256 held-out images")
+        (tmp / "demo.json").write_text(json.dumps({"eval": {"data": data, **r}, "whitebox": wb.to_dict()}, indent=1))
     click.echo(f"wrote {out}/demo.json and {out}/whitebox.png")
 
 
@@ -213,17 +228,23 @@ def targets():
 @click.option("--model", "-m", default="embedded", show_default=True, help="crate-edge model dir/.safetensors or upstream checkpoint.")
 @click.option("--out", "-o", default=None, type=click.Path(file_okay=False), help="Artifact directory (default artifacts/<target>).")
 @click.option("--probe", is_flag=True, help="Also output per-layer MSSA features and ISTA outputs (for per-layer parity).")
-@click.option("--parity-data", default="embedded", show_default=True, help="Dataset for the compile-time parity check.")
+@click.option("--parity-data", default="embedded", show_default=True, metavar="SPEC",
+              help="Data for the compile-time parity check (test split): " + _DATA_SPECS)
+@click.option("--calibration-data", default=None, metavar="SPEC",
+              help="Calibration data of a quantized target (train split), instead of its [quantize].calibration_data: " + _DATA_SPECS)
+@click.option("--calibration-images", type=int, default=None, metavar="N",
+              help="Calibration image count of a quantized target, instead of its [quantize].calibration_images.")
 @click.option("--keep-failed", is_flag=True, help="Keep the artifact even when parity fails (the command still exits non-zero).")
 @_model_options
-def compile_cmd(target, model, out, probe, parity_data, keep_failed, heads, pool):
+def compile_cmd(target, model, out, probe, parity_data, calibration_data, calibration_images, keep_failed, heads, pool):
     """Compile MODEL for TARGET into an artifact directory, with a parity check.
 
-    Python: crate_edge.compile(model, target, out=...)"""
+    Python: crate_edge.compile(model, target, out=..., calibration_data=..., parity_data=...)"""
     from .compiler import compile as run
 
     m = _load(model, heads, pool)
-    art = run(m, target, out=out, probe=probe, parity_data=parity_data, keep_failed=keep_failed)
+    art = run(m, target, out=out, probe=probe, parity_data=parity_data, keep_failed=keep_failed,
+              calibration_data=calibration_data, calibration_images=calibration_images)
     nv = art.manifest.get("not_verified", {})
     click.echo(f"{art.path}: {art.target} artifact, parity {'passed' if art.manifest['parity']['passed'] else 'FAILED'}"
                + (f"; not verified here: {', '.join(nv)}" if nv else ""))
@@ -233,14 +254,19 @@ def compile_cmd(target, model, out, probe, parity_data, keep_failed, heads, pool
 @click.option("--target", "-t", required=True, help="A reduced-precision target (one with a [quantize] table).")
 @click.option("--model", "-m", default="embedded", show_default=True, help="crate-edge model dir/.safetensors or upstream checkpoint.")
 @click.option("--out", "-o", default=None, type=click.Path(file_okay=False), help="Artifact directory (default artifacts/<target>).")
-@click.option("--data", default="fashion-mnist:train", show_default=True, help="Images the budget is measured on.")
+@click.option("--data", default="fashion-mnist:train", show_default=True, metavar="SPEC",
+              help="Images the budget is measured on: " + _DATA_SPECS)
 @click.option("--limit", default=2000, show_default=True, help="How many of them.")
+@click.option("--calibration-data", default=None, metavar="SPEC",
+              help="Calibration data (train split), instead of the target's [quantize].calibration_data: " + _DATA_SPECS)
+@click.option("--calibration-images", type=int, default=None, metavar="N",
+              help="Calibration image count, instead of the target's [quantize].calibration_images.")
 @click.option("--budget", "budget", multiple=True, metavar="KEY=VALUE",
               help="Budget override, e.g. max_top1_drop=0.003 min_support_iou=0.9 max_coding_rate_rel=0.02 (repeatable).")
 @_model_options
-def quantize_cmd(target, model, out, data, limit, budget, heads, pool):
+def quantize_cmd(target, model, out, data, limit, calibration_data, calibration_images, budget, heads, pool):
     """Accuracy-driven quantization: raise the most sensitive blocks to float until the budget
-    holds; writes the artifact and OUT.search.json (every attempt). Exits 1 if nothing passes
+    holds; writes the artifact with OUT/search.json (every attempt). Exits 1 if nothing passes
     (the best configuration is saved anyway).
 
     Python: crate_edge.quantize.search(model, target, out, budget=...)"""
@@ -257,51 +283,54 @@ def quantize_cmd(target, model, out, data, limit, budget, heads, pool):
             raise CrateEdgeError(f"--budget {kv!r}: expected KEY=NUMBER")
     m = _load(model, heads, pool)
     try:
-        r = search(m, target, out, budget=bud or None, data=data, limit=limit, log=lambda s: click.echo(s, err=True))
+        r = search(m, target, out, budget=bud or None, data=data, limit=limit, log=lambda s: click.echo(s, err=True),
+                   calibration_data=calibration_data, calibration_images=calibration_images)
     except CrateEdgeError as e:
         if "no configuration met the budget" in str(e):
             click.echo(f"quantize FAILED: {e}", err=True)
             sys.exit(1)
         raise
     click.echo(f"{r['artifact']}: float blocks {r['chosen_float_layers'] or 'none'} after {len(r['attempts'])} attempt(s); "
-               f"log {r['artifact']}.search.json")
+               f"log {r['artifact']}/search.json")
 
 
 @main.command("run")
 @click.argument("artifact", type=click.Path(file_okay=False))
-@click.option("--data", default="embedded", show_default=True, help="Dataset spec.")
+@click.option("--data", default="embedded", show_default=True, metavar="SPEC", help="Data (test split): " + _DATA_SPECS)
 @click.option("--n", "n_images", default=10, show_default=True, help="Number of images.")
 def run_cmd(artifact, data, n_images):
     """Print the ARTIFACT's predictions on images from --data.
 
     Python: crate_edge.load_artifact(artifact)(images)"""
     import numpy as np
-    import torch
 
     from .artifact import load_artifact
-    from .data import load_dataset, prepare
+    from .data import open_inputs
     from .model import CrateConfig
 
     art = load_artifact(artifact)
     cfg = CrateConfig.from_dict(art.manifest["source_model"]["config"])
-    ds = load_dataset(data, "test", cfg.image_size, cfg.channels)
-    n = min(n_images, len(ds))
-    imgs = torch.stack([ds[i][0] for i in range(n)])
-    labels = [int(ds[i][1]) for i in range(n)]
-    logits = art(prepare(imgs, cfg).numpy())
+    x, y = open_inputs(data, cfg, "test").first(n_images).tensors()
+    n = len(x)
+    labels = None if y is None else y.tolist()
+    logits = art(x.numpy())
     e = np.exp(logits - logits.max(1, keepdims=True))
     probs = e / e.sum(1, keepdims=True)
     for i in range(n):
         k = int(probs[i].argmax())
-        click.echo(f"{i:>4}  predicted {k:<3} p={probs[i, k]:.3f}  label {labels[i]}")
-    click.echo(f"top-1 {100 * np.mean(logits.argmax(1) == np.array(labels)):.1f}% on {n} images ({art.executor})")
+        click.echo(f"{i:>4}  predicted {k:<3} p={probs[i, k]:.3f}" + (f"  label {labels[i]}" if labels is not None else ""))
+    if labels is not None:
+        click.echo(f"top-1 {100 * np.mean(logits.argmax(1) == np.array(labels)):.1f}% on {n} images ({art.executor})")
+    else:
+        click.echo(f"{n} images of {data}, no labels: top-1 not computed ({art.executor})")
 
 
 @main.command("parity")
 @click.argument("artifacts", nargs=-1, required=True)
 @click.option("--reference", "-r", default=None, help="Reference model (crate-edge dir/.safetensors or upstream checkpoint); "
               "default: the embedded model, which must be the artifacts' source.")
-@click.option("--data", default="fashion-mnist", show_default=True, help="Dataset spec (its test split).")
+@click.option("--data", default="fashion-mnist", show_default=True, metavar="SPEC",
+              help="Data (test split; without labels top-1 is not computed): " + _DATA_SPECS)
 @click.option("--limit", type=int, default=None, help="At most this many images (default: all).")
 @click.option("--batch-size", type=int, default=None, help="Images per batch (default: sized to memory, at most 256).")
 @click.option("--out", default="out/parity", show_default=True, type=click.Path(file_okay=False),
@@ -323,6 +352,7 @@ def parity_cmd(artifacts, reference, data, limit, batch_size, out, tols, heads, 
         if not eq:
             raise CrateEdgeError(f"--tol {t!r}: expected KEY=VALUE")
         tol[key.strip()] = val.strip()
+    check_writable(out)
     ref = reference if heads is None and pool is None else _load(reference, heads, pool)
     report = parity(list(artifacts), reference=ref, data=data, limit=limit, batch_size=batch_size, tolerances=tol, progress=True)
     report.write(out)
@@ -356,6 +386,7 @@ def bench_cmd(artifacts, batch, threads, warmup, iters, seconds, rounds, model, 
     Python: crate_edge.bench(artifacts, batch=, threads=, iters=|seconds=, model=, rpc=)"""
     from .bench import bench, parse_batches
 
+    check_writable(out)
     bl = () if baselines.strip() in ("", "none") else tuple(b.strip() for b in baselines.split(",") if b.strip())
     report = bench(list(artifacts), batch=parse_batches(batch), threads=threads, warmup=warmup, iters=iters, seconds=seconds,
                    rounds=rounds, model=model, baselines=bl, device=device, rpc=rpc, rpc_key=rpc_key)

@@ -13,11 +13,13 @@ import numpy as np
 import torch
 
 from . import rewrites
+from ._version import __version__
 from .artifact import ARTIFACT_FORMAT, MANIFEST, Artifact, file_hashes, load_artifact
 from .backends import get_backend
 from .backends.base import host_info
-from .checkpoint import atomic_dir, load_model, model_hash
+from .checkpoint import load_model, model_hash
 from .errors import CrateEdgeError
+from .outputs import atomic_dir, check_writable
 from .targets import Target, load_target
 
 
@@ -35,15 +37,20 @@ def export(module: torch.nn.Module, example: torch.Tensor, dynamic_batch: tuple[
         return torch.export.export(module, (example,), dynamic_shapes=dyn, strict=False)
 
 
-def parity_images(cfg, data: str = "embedded", limit: int | None = None):
-    """(model inputs, labels) of the held-out slice, prepared for the model's config."""
-    from .data import load_dataset, prepare
+def parity_set(cfg, data="embedded", limit: int | None = None):
+    """The compile-time parity images as a crate_edge.data.InputSet: the first `limit` (default
+    all) images of the test split of `data` (any data spec; an .npz or image folder is used whole)."""
+    from .data import open_inputs
 
-    ds = load_dataset(data, "test", cfg.image_size, cfg.channels)
-    n = len(ds) if limit is None else min(limit, len(ds))
-    imgs = torch.stack([ds[i][0] for i in range(n)])
-    labels = torch.stack([torch.as_tensor(ds[i][1]) for i in range(n)])
-    return prepare(imgs, cfg), labels
+    try:
+        return open_inputs(data, cfg, "test").first(limit)
+    except CrateEdgeError as e:
+        raise CrateEdgeError(f"parity data: {e}") from None
+
+
+def parity_images(cfg, data="embedded", limit: int | None = None):
+    """(model inputs float32 NCHW, int64 labels or None when the data has none) of the parity set."""
+    return parity_set(cfg, data, limit).tensors()
 
 
 def logit_parity(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
@@ -76,11 +83,25 @@ def _run_batched(fn, x: torch.Tensor, bs: int) -> np.ndarray:
 
 def compile(model=None, target: str | Target = "onnxruntime", out: str | os.PathLike | None = None, probe: bool = False,
             parity_data: str = "embedded", parity_limit: int | None = None, keep_failed: bool = False,
-            log=None) -> Artifact:
+            log=None, extra_files: dict[str, str] | None = None, calibration_data=None,
+            calibration_images: int | None = None) -> Artifact:
     """Compile a CRATE (module, path, or None for the embedded model) for `target` (name or
     path to a target .toml) into the artifact directory `out` (default artifacts/<target>).
     Ends with a parity check on the held-out slice; raises ParityError beyond tolerance
-    (the artifact is then not written unless keep_failed)."""
+    (the artifact is then not written unless keep_failed).
+
+    `out` must be missing, empty or an artifact crate-edge wrote (else CrateEdgeError, nothing
+    touched); it is replaced in one atomic step once the artifact is complete and checked, so an
+    interrupted or failed compile leaves the previous artifact as it was. `extra_files`
+    ({name: text}) are written into the artifact directory with it (a quantization search log).
+
+    Data (any crate_edge.data spec: a named set, an .npz of float32 model inputs `x` with optional
+    labels `y` or of uint8 `images`, an image folder, an IDX directory): `parity_data` is what
+    the compile-time parity check runs on (test split; `parity_limit` images at most; without
+    labels top-1 is not computed); `calibration_data` and `calibration_images` override the
+    target's [quantize] calibration_data (train split) and calibration_images, for quantized
+    targets only (CrateEdgeError on a float target). Both are opened and checked before anything
+    is exported or written; the manifest records each (quantization.calibration, parity.data)."""
     say = log or (lambda s: print(s, file=sys.stderr))
     t = target if isinstance(target, Target) else load_target(target)
     be = get_backend(t.backend)
@@ -93,19 +114,39 @@ def compile(model=None, target: str | Target = "onnxruntime", out: str | os.Path
     src = model if isinstance(model, torch.nn.Module) else load_model(model)
     src = src.eval()
     cfg = src.cfg
-    out = Path(out or f"artifacts/{t.name}")
+    out = check_writable(out or f"artifacts/{t.name}")  # refuse a foreign directory before any work
 
-    from .quantize import QuantConfig, QuantPlan, calibration_images, quant_rewrites, quant_sites
+    from .quantize import QuantConfig, QuantPlan, calibration_set, quant_rewrites, quant_sites
 
     qc = QuantConfig.from_target(t)
+    if qc is None and (calibration_data is not None or calibration_images is not None):
+        given = "calibration_data" if calibration_data is not None else "calibration_images"
+        raise CrateEdgeError(f"target {t.name} is not quantized (no [quantize] table): {given} (--{given.replace('_', '-')}) "
+                             "applies to reduced-precision targets only")
+    if qc is not None and calibration_data is not None:
+        qc = qc.replace(calibration_data=os.fspath(calibration_data) if isinstance(calibration_data, os.PathLike) else
+                        getattr(calibration_data, "spec", calibration_data))
+    if qc is not None and calibration_images is not None:
+        if int(calibration_images) < 1:
+            raise CrateEdgeError(f"calibration_images must be at least 1, got {calibration_images}")
+        qc = qc.replace(calibration_images=int(calibration_images))
     names = quant_rewrites(t.rewrites, qc)
     module = rewrites.apply(src, names)
     if probe:
         module = rewrites.Probe(module)
-    plan = None
+    plan = cal = None
     if qc is not None:
-        say(f"[{t.name}] {qc.scheme}: calibration on {qc.calibration_images} {qc.calibration_data} training images")
-        plan = QuantPlan(qc, quant_sites(module, qc), calibration_images(cfg, qc))
+        cal = calibration_set(cfg, qc, data=calibration_data)  # opened and checked before anything is written
+        say(f"[{t.name}] {qc.scheme}: calibration on {'all ' if cal.selection == 'all' else ''}{len(cal)}"
+            f"{'' if cal.selection == 'all' else ' ' + cal.selection} images of {cal.spec}"
+            + (f" ({cal.split} split)" if cal.split else ""))
+        plan = QuantPlan(qc, quant_sites(module, qc), cal.tensors()[0], cal.record())
+    par = parity_set(cfg, parity_data, parity_limit)
+    par_x, par_y = par.tensors()  # decoded here, so that bad images fail the compile before anything is written
+    if cal is not None and par.same_data(cal):
+        say(f"[{t.name}] note: calibration and parity use the same data ({par.spec}): parity is not measured on held-out images")
+    if not par.has_labels:
+        say(f"[{t.name}] note: {par.spec} has no labels: parity compares logits only (no top-1 accuracy)")
     bs = t.example_batch
     if t.dynamic_batch is not None:
         bs = min(max(bs, t.dynamic_batch[0]), t.dynamic_batch[1])
@@ -113,14 +154,14 @@ def compile(model=None, target: str | Target = "onnxruntime", out: str | os.Path
     say(f"[{t.name}] torch.export (batch {'dynamic ' + str(list(t.dynamic_batch)) if t.dynamic_batch else bs}), rewrites: {', '.join(names) or 'none'}")
     ep = export(module, example, t.dynamic_batch)
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, "artifact", say=say) as tmp:
         say(f"[{t.name}] lowering with {be.name}")
         comp = be.compile(module, ep, example, t, tmp, quant=plan)
         depth = cfg.depth
         manifest: dict[str, Any] = {
             "format": ARTIFACT_FORMAT, "version": 1,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "crate_edge": __import__("crate_edge").__version__,
+            "crate_edge": __version__,
             "backend": {"name": be.name, "versions": be.versions(), **comp.info},
             "target": {"name": t.name, "file": Path(t.path).name, "sha256": t.sha256, "definition": t.raw},
             "source_model": {"sha256": model_hash(src), "config": cfg.to_dict()},
@@ -136,18 +177,20 @@ def compile(model=None, target: str | Target = "onnxruntime", out: str | os.Path
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
 
         # parity against the eager reference model on the held-out slice
-        x, labels = parity_images(cfg, parity_data, parity_limit)
+        x, labels = par_x, par_y
         art = load_artifact(tmp, reference_ok=True)
         hi = manifest["input"]["batch_range"][1]
-        say(f"[{t.name}] parity on {len(x)} held-out images via {art.executor}")
+        say(f"[{t.name}] parity on {len(x)} images of {par.spec} via {art.executor}")
         with torch.no_grad():
             ref = torch.cat([src(x[i : i + 256]) for i in range(0, len(x), 256)]).numpy()
         got = _run_batched(art.outputs, x, hi)
-        p = logit_parity(ref, got, labels.numpy())
+        p = logit_parity(ref, got, None if labels is None else labels.numpy())
         fails = check_tolerances(p, t.tolerances)
-        p.update(executor=art.executor, data=parity_data, tolerances=t.tolerances, passed=not fails, failures=fails)
+        p.update(executor=art.executor, data=par.record(), tolerances=t.tolerances, passed=not fails, failures=fails)
         manifest["parity"] = p
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
+        for name, text in (extra_files or {}).items():  # beside the artifact, outside its hashed files
+            (tmp / name).write_text(text)
         if fails and not keep_failed:
             raise ParityError(f"{t.name}: parity failed on {p['n']} images ({art.executor}): " + "; ".join(fails))
     say(f"[{t.name}] wrote {out}: top-1 agreement {100 * p['top1_agreement']:.2f}%, max |diff| {p['max_abs']:.2e}, "

@@ -37,6 +37,9 @@ manifest["target"]["definition"]["parity"]), overridden by the caller's `toleran
   max_coding_rate_rel   per layer, relative coding-rate difference (0.02 = 2%)
   min_sqnr_db           per layer, SQNR of z_l and of w_l
 The per-layer ones need a probe build; on another artifact they are listed as unchecked.
+Top-1 (and so max_top1_drop) needs labels: on unlabelled data (an .npz `x` without `y`) the
+report gives the other metrics, says that top-1 was not computed, and lists max_top1_drop as
+unchecked.
 """
 from __future__ import annotations
 
@@ -142,11 +145,16 @@ class ArtifactParity:
 
 @dataclass
 class ParityReport:
-    reference: dict[str, Any]  # name, sha256, top1, layers (zero fraction, coding rate) when measured
-    data: str
+    reference: dict[str, Any]  # name, sha256, top1 (None without labels), layers (zero fraction, coding rate) when measured
+    data: str  # the data spec
     n: int
     seconds: float
     results: list[ArtifactParity]
+    data_record: dict[str, Any] | None = None  # crate_edge.data.InputSet.record(): kind, sha256, split, images, labels
+
+    @property
+    def labelled(self) -> bool:
+        return self.reference.get("top1") is not None
 
     @property
     def passed(self) -> bool:
@@ -172,18 +180,20 @@ class ParityReport:
         return "; ".join(r.message() for r in bad)
 
     def to_dict(self) -> dict:
-        return {"format": "crate-edge-parity", "version": 1, "data": self.data, "n": self.n, "seconds": round(self.seconds, 3),
-                "passed": self.passed, "reference": _clean(self.reference), "artifacts": [r.to_dict() for r in self.results]}
+        return {"format": "crate-edge-parity", "version": 1, "data": self.data, "data_record": self.data_record, "n": self.n,
+                "seconds": round(self.seconds, 3), "passed": self.passed, "reference": _clean(self.reference),
+                "artifacts": [r.to_dict() for r in self.results]}
 
     # ---------------------------------------------------------- text
     def table(self) -> str:
         """A short plain-text summary: one logits row per artifact, a per-layer table per probe build."""
         ref = self.reference
-        lines = [f"reference {ref['name']}: top-1 {100 * ref['top1']:.2f}% on {self.n} images of {self.data} ({self.seconds:.1f} s)",
+        lines = [f"reference {ref['name']}: top-1 {_pct(ref['top1'])} on {self.n} images of {self.data} ({self.seconds:.1f} s)"
+                 + ("" if self.labelled else " (no labels: top-1 not computed)"),
                  f"{'artifact':<28} {'executor':<14} {'top-1':>7} {'drop':>6} {'agree':>7} {'min cos':>10} {'max|d|':>9}  verdict"]
         for r in self.results:
             lg = r.logits
-            lines.append(f"{r.label[:28]:<28} {r.executor[:14]:<14} {100 * lg['artifact_top1']:>6.2f}% {100 * lg['top1_drop']:>+6.2f} "
+            lines.append(f"{r.label[:28]:<28} {r.executor[:14]:<14} {_pct(lg.get('artifact_top1')):>7} {_pts(lg.get('top1_drop')):>6} "
                          f"{100 * lg['top1_agreement']:>6.2f}% {lg['min_cosine']:>10.7f} {lg['max_abs']:>9.2e}  "
                          f"{'pass' if r.passed else 'FAIL'}")
         for r in self.results:
@@ -201,20 +211,21 @@ class ParityReport:
             for t in r.failures:
                 lines.append(f"FAIL {r.label}: {t}")
             if r.unchecked:
-                lines.append(f"unchecked {r.label}: {', '.join(r.unchecked)} (not a probe build)")
+                lines.append(f"unchecked {r.label}: {_unchecked(r.unchecked)}")
         return "\n".join(lines)
 
     def markdown(self) -> str:
         ref = self.reference
         out = [f"# Parity: {len(self.results)} artifact(s) against {ref['name']}", "",
-               f"Data: {self.data}, {self.n} images; reference top-1 {100 * ref['top1']:.2f}% (eager fp32); "
+               f"Data: {self.data}, {self.n} images; "
+               + (f"reference top-1 {100 * ref['top1']:.2f}% (eager fp32); " if self.labelled else "no labels, so top-1 is not computed; ") +
                f"{self.seconds:.1f} s. Verdict: **{'passed' if self.passed else 'FAILED'}**.", "",
                "## Logits", "",
                "| artifact | target | executor | top-1 | drop (points) | agreement | min cosine | mean cosine | max abs | mean abs | verdict |",
                "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in self.results:
             lg = r.logits
-            out.append(f"| {r.label} | {r.target} | {r.executor} | {100 * lg['artifact_top1']:.2f}% | {100 * lg['top1_drop']:+.2f} | "
+            out.append(f"| {r.label} | {r.target} | {r.executor} | {_pct(lg.get('artifact_top1'))} | {_pts(lg.get('top1_drop'))} | "
                        f"{100 * lg['top1_agreement']:.2f}% | {lg['min_cosine']:.7f} | {lg['mean_cosine']:.7f} | {lg['max_abs']:.3g} | "
                        f"{lg['mean_abs']:.3g} | {'pass' if r.passed else 'FAIL'} |")
         for r in self.results:
@@ -236,7 +247,7 @@ class ParityReport:
             if r.violations:
                 out += ["", "Failures:", ""] + [f"- {t}" for t in r.failures]
             if r.unchecked:
-                out += ["", f"Unchecked (not a probe build): {', '.join(r.unchecked)}"]
+                out += ["", f"Unchecked: {_unchecked(r.unchecked)}"]
         return "\n".join(out) + "\n"
 
     # ---------------------------------------------------------- files
@@ -249,12 +260,20 @@ class ParityReport:
         probes = [r for r in self.results if r.layers is not None]
         if not probes:
             fig, ax = plt.subplots(figsize=(6, 4))
-            names = ["reference"] + [r.label for r in self.results]
-            vals = [100 * self.reference["top1"]] + [100 * r.logits["artifact_top1"] for r in self.results]
-            ax.bar(range(len(vals)), vals, color=["k"] + [f"C{i}" for i in range(len(self.results))])
+            if self.labelled:
+                names = ["reference"] + [r.label for r in self.results]
+                vals = [100 * self.reference["top1"]] + [100 * r.logits["artifact_top1"] for r in self.results]
+                colors = ["k"] + [f"C{i}" for i in range(len(self.results))]
+                what = "top-1 (%)"
+            else:  # no labels: agreement with the reference's top-1 instead
+                names = [r.label for r in self.results]
+                vals = [100 * r.logits["top1_agreement"] for r in self.results]
+                colors = [f"C{i}" for i in range(len(self.results))]
+                what = "top-1 agreement with the reference (%)"
+            ax.bar(range(len(vals)), vals, color=colors)
             ax.set_xticks(range(len(vals)), names, rotation=20, ha="right")
             ax.set_ylim(min(vals) - 2, max(vals) + 1)
-            ax.set(ylabel="top-1 (%)", title=f"top-1 on {self.n} images of {self.data} (no probe builds: logits only)")
+            ax.set(ylabel=what, title=f"{what} on {self.n} images of {self.data} (no probe builds: logits only)")
         else:
             fig, axs = plt.subplots(2, 2, figsize=(11, 8))
             (a1, a2), (a3, a4) = axs
@@ -287,12 +306,13 @@ class ParityReport:
 
     def write(self, out_dir) -> Path:
         """Write parity.json, parity.md and parity.png into `out_dir`; returns the directory."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "parity.json").write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        (out / "parity.md").write_text(self.markdown())
-        self.plot(out / "parity.png")
-        return out
+        from .outputs import atomic_dir
+
+        with atomic_dir(out_dir, "report") as tmp:
+            (tmp / "parity.json").write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+            (tmp / "parity.md").write_text(self.markdown())
+            self.plot(tmp / "parity.png")
+        return Path(out_dir)
 
 
 # ------------------------------------------------------------------ helpers
@@ -310,6 +330,22 @@ def _clean(d):
     if isinstance(d, (list, tuple)):
         return [_clean(v) for v in d]
     return _num(d)
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def _pts(v) -> str:
+    return "n/a" if v is None else f"{100 * v:+.2f}"
+
+
+def _unchecked(keys) -> str:
+    """Unchecked tolerances with the reason: per-layer ones need a probe build, the top-1 drop labels."""
+    layer = [k for k in keys if k in LAYER_TOLERANCES]
+    other = [k for k in keys if k not in LAYER_TOLERANCES]
+    parts = ([f"{', '.join(layer)} (not a probe build)"] if layer else []) + ([f"{', '.join(other)} (the data has no labels)"] if other else [])
+    return "; ".join(parts)
 
 
 def _db(v) -> str:
@@ -527,11 +563,13 @@ def check(logits: dict, layers: list[dict] | None, tol: dict[str, float]) -> tup
         t = tol["min_cosine"]
         v.append(Violation("min_cosine", f"logits min cosine {logits['min_cosine']:.6f} < {t:.6f}",
                            logits["min_cosine"], t, rel(t - logits["min_cosine"], 1 - t if t < 1 else t)))
-    if "max_top1_drop" in tol and not logits["top1_drop"] <= tol["max_top1_drop"]:
+    if "max_top1_drop" in tol and "top1_drop" in logits and not logits["top1_drop"] <= tol["max_top1_drop"]:
         t = tol["max_top1_drop"]
         v.append(Violation("max_top1_drop", f"top-1 drop {100 * logits['top1_drop']:.2f} points > {100 * t:.2f}",
                            logits["top1_drop"], t, rel(logits["top1_drop"] - t, t if t > 0 else 0.01)))
     unchecked = [k for k in LAYER_TOLERANCES if k in tol] if layers is None else []
+    if "max_top1_drop" in tol and "top1_drop" not in logits:  # no labels
+        unchecked.append("max_top1_drop")
     for d in layers or []:
         l = d["layer"]
         if "min_support_iou" in tol and not d["support_iou_mean"] >= tol["min_support_iou"]:
@@ -565,7 +603,7 @@ def parity(artifacts, reference=None, data: str = "fashion-mnist", limit: int | 
     `tolerances` override the artifact's target file ([parity]); see the module docstring.
     `batch_size` defaults to what keeps one batch's per-layer tensors under about 256 MiB."""
     from .checkpoint import model_hash
-    from .data import batches, load_dataset
+    from .data import open_inputs
     from .rewrites import split_probe_outputs
 
     t0 = time.perf_counter()
@@ -585,10 +623,8 @@ def parity(artifacts, reference=None, data: str = "fashion-mnist", limit: int | 
         if implicit and a.manifest.get("source_model", {}).get("sha256") != ref_hash:
             raise CrateEdgeError(f"{a.path} was not compiled from the embedded reference model (source sha256 "
                                  f"{str(a.manifest.get('source_model', {}).get('sha256'))[:12]}...); pass its source model with --reference")
-    ds = load_dataset(data, "test", cfg.image_size, cfg.channels)
-    n_total = len(ds) if limit is None else min(limit, len(ds))
-    if n_total < 1:
-        raise CrateEdgeError(f"dataset {data} is empty")
+    ds = open_inputs(data, cfg, "test").first(limit)
+    n_total = len(ds)
 
     n_tok = cfg.num_patches + 1
     any_probe = any(a.probe for a in arts)
@@ -603,7 +639,7 @@ def parity(artifacts, reference=None, data: str = "fashion-mnist", limit: int | 
     accs = [_LayerAcc(depth) if a.probe else None for a in arts]
     ref_zf = [[] for _ in range(depth)]
     ref_cr = [[] for _ in range(depth)]
-    it: Iterable = batches(ds, batch_size, cfg, limit=n_total)
+    it: Iterable = ds.batches(batch_size)
     bar = None
     if progress:
         try:
@@ -619,8 +655,9 @@ def parity(artifacts, reference=None, data: str = "fashion-mnist", limit: int | 
         feats: list = []
         zL = model.forward_features(x, probe=feats if any_probe else None)
         ref_logits.append(model.mlp_head(model.pool(zL)).numpy())
-        labels.append(y.numpy())
-        cr_n = max(0, min(len(y), cr_cap - seen))
+        if y is not None:
+            labels.append(y.numpy())
+        cr_n = max(0, min(len(x), cr_cap - seen))
         if any_probe:
             from .whitebox import zero_fraction
 
@@ -641,7 +678,7 @@ def parity(artifacts, reference=None, data: str = "fashion-mnist", limit: int | 
             else:
                 lg = outs[0]
             art_logits[k].append(np.asarray(lg, dtype=np.float32))
-        seen += len(y)
+        seen += len(x)
         _release_memory()
         if progress and bar is None:
             print(f"parity: {seen}/{n_total} images", file=sys.stderr)
@@ -650,9 +687,9 @@ def parity(artifacts, reference=None, data: str = "fashion-mnist", limit: int | 
 
     from .compiler import logit_parity
 
-    y = np.concatenate(labels)
+    y = np.concatenate(labels) if ds.has_labels else None
     ref = np.concatenate(ref_logits)
-    ref_top1 = float((ref.argmax(1) == y).mean())
+    ref_top1 = float((ref.argmax(1) == y).mean()) if y is not None else None
     ref_layers = None
     zf_means = cr_means = None
     if any_probe:
@@ -664,7 +701,8 @@ def parity(artifacts, reference=None, data: str = "fashion-mnist", limit: int | 
     for k, a in enumerate(arts):
         got = np.concatenate(art_logits[k])
         lg = logit_parity(ref, got, y)
-        lg["top1_drop"] = lg["reference_top1"] - lg["artifact_top1"]
+        if y is not None:
+            lg["top1_drop"] = lg["reference_top1"] - lg["artifact_top1"]
         layers = accs[k].layers(zf_means, cr_means) if a.probe else None
         tol = {**target_tolerances(a.manifest), **override}
         viol, unchecked = check(lg, layers, tol)
@@ -678,4 +716,5 @@ def parity(artifacts, reference=None, data: str = "fashion-mnist", limit: int | 
                                       coding_rate_images=cr_cap if a.probe else 0))
     refinfo = {"name": ref_name, "sha256": ref_hash, "top1": ref_top1, "config": cfg.to_dict(),
                "coding_rate_images": cr_cap if any_probe else 0, "layers": ref_layers}
-    return ParityReport(reference=refinfo, data=data, n=int(len(y)), seconds=time.perf_counter() - t0, results=results)
+    return ParityReport(reference=refinfo, data=ds.spec, n=int(len(ref)), seconds=time.perf_counter() - t0, results=results,
+                        data_record=ds.record())

@@ -93,15 +93,17 @@ class QuantConfig:
 class QuantPlan:
     """What a backend's compile(..., quant=plan) gets: the config, the sites to quantize
     (site name -> module path in the module handed to the backend, which may be a Probe
-    wrapper) and calibration inputs (prepared float32 NCHW images from the training split)."""
+    wrapper) and calibration inputs (prepared float32 NCHW images from the training split).
+    `calibration_record` is crate_edge.data.InputSet.record() of those images (for the manifest)."""
 
     config: QuantConfig
     sites: dict[str, str]
     calibration: torch.Tensor
+    calibration_record: dict[str, Any] | None = None
 
     def manifest(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict(), "sites": sorted(self.sites), "keep_float": list(KEEP_FLOAT),
-                "calibration": {"data": self.config.calibration_data, "split": "train", "images": int(len(self.calibration))}}
+        cal = self.calibration_record or {"spec": self.config.calibration_data, "split": "train", "images": int(len(self.calibration))}
+        return {"config": self.config.to_dict(), "sites": sorted(self.sites), "keep_float": list(KEEP_FLOAT), "calibration": dict(cal)}
 
 
 def quant_rewrites(rewrites: list[str], qc: "QuantConfig | None") -> list[str]:
@@ -152,26 +154,33 @@ def quant_sites(model: nn.Module, qc: QuantConfig) -> dict[str, str]:
     return out
 
 
-def calibration_images(cfg, qc: QuantConfig) -> torch.Tensor:
-    """Prepared model inputs for calibration: the first N images of the training split of
-    qc.calibration_data (the held-out parity slice comes from the test split)."""
-    from .data import load_dataset, prepare
+def calibration_set(cfg, qc: QuantConfig, data=None):
+    """The calibration images as a crate_edge.data.InputSet: qc.calibration_images evenly spaced
+    images (a fixed stride, so every class of a class-sorted set is represented) of the training
+    split of `data` (default qc.calibration_data; any data spec; an .npz or image folder is used
+    whole). Fewer images than qc.calibration_images is an error, not a smaller calibration set.
+    The held-out parity slice comes from the test split."""
+    from .data import open_inputs
 
+    spec = qc.calibration_data if data is None else data
     try:
-        ds = load_dataset(qc.calibration_data, "train", cfg.image_size, cfg.channels)
-    except CrateEdgeError:
-        raise
+        ds = open_inputs(spec, cfg, "train")
+    except CrateEdgeError as e:
+        raise CrateEdgeError(f"calibration data: {e}") from None
     except Exception as e:  # noqa: BLE001 - reported as one line
-        raise CrateEdgeError(f"calibration data {qc.calibration_data!r}: {e}") from None
-    n = min(qc.calibration_images, len(ds))
-    # a fixed stride over the split so every class is represented
-    idx = torch.linspace(0, len(ds) - 1, n).long().tolist()
-    imgs = torch.stack([ds[i][0] for i in idx])
-    return prepare(imgs, cfg)
+        raise CrateEdgeError(f"calibration data {spec!r}: {type(e).__name__}: {e}") from None
+    return ds.spread(int(qc.calibration_images), purpose="calibration",
+                     hint="lower the target's [quantize].calibration_images, e.g. --calibration-images N, or give more images")
+
+
+def calibration_images(cfg, qc: QuantConfig) -> torch.Tensor:
+    """Prepared model inputs for calibration (see `calibration_set`), float32 NCHW."""
+    return calibration_set(cfg, qc).tensors()[0]
 
 
 # ------------------------------------------------------------------ accuracy-driven fallback
 
+SEARCH_LOG = "search.json"  # every attempt of the accuracy-driven search, inside the artifact
 DEFAULT_BUDGET = {"max_top1_drop": 0.003, "min_support_iou": 0.90, "max_coding_rate_rel": 0.02}
 
 
@@ -217,22 +226,28 @@ def _sensitivity(layers: list[dict]) -> list[float]:
 
 
 def search(model=None, target="executorch-int8", out=None, budget: dict | None = None, data: str = "fashion-mnist:train",
-           limit: int = 2000, log=None) -> dict:
+           limit: int = 2000, log=None, calibration_data=None, calibration_images: int | None = None) -> dict:
     """Accuracy-driven fallback (issue 4): compile the quantized target as a probe build, measure
     it against the fp32 model on `data` (default: training images, so the test set stays
     untouched), and while the budget fails keep the most sensitive block (largest noise power added
     across it) in float and try again. The first configuration that passes has the fewest
     float blocks, i.e. is the fastest; it is compiled again without probe outputs into `out`.
     If none passes, the best one found is saved anyway and CrateEdgeError says so. A log of
-    every attempt (config, metrics, batch-1 latency) is written to `<out>.search.json`."""
+    every attempt (config, metrics, batch-1 latency) is written into the artifact as
+    `search.json`. `out` is held for the whole search (a second writer waits) and refused up front
+    if it holds files crate-edge did not write; tries are compiled beside it, in a scratch
+    directory that the next writer of `out` removes if this one is killed.
+    `calibration_data` / `calibration_images` override the target's [quantize] calibration in
+    every compile (see crate_edge.compiler.compile); `data` may be any crate_edge.data spec
+    (without labels the top-1 drop is not checked)."""
     import json
     import shutil
     import sys
-    import tempfile
     from pathlib import Path
 
     from .checkpoint import load_model
     from .compiler import compile as _compile
+    from .outputs import check_writable, output_lock, work_dir
     from .parity import parity
     from .targets import load_target
 
@@ -244,52 +259,59 @@ def search(model=None, target="executorch-int8", out=None, budget: dict | None =
     src = model if isinstance(model, nn.Module) else load_model(model)
     src = src.eval()
     bud = {**DEFAULT_BUDGET, **dict(t.quantize.get("budget", {})), **(budget or {})}
-    out = Path(out or f"artifacts/{t.name}")
+    out = check_writable(out or f"artifacts/{t.name}")
     depth = src.cfg.depth
-    x1 = calibration_images(src.cfg, qc.replace(calibration_images=1)).numpy()
+    cal_kw = {"calibration_data": calibration_data, "calibration_images": calibration_images}
+    if calibration_data is not None:
+        qc = qc.replace(calibration_data=str(calibration_data))
+    if calibration_images is not None:
+        qc = qc.replace(calibration_images=int(calibration_images))
+    cal = calibration_set(src.cfg, qc)  # missing, malformed or too few calibration images: fail before any compile
+    x1 = cal.first(1).tensors()[0].numpy()
     float_layers = sorted(set(qc.float_layers))
     attempts: list[dict] = []
     best = None
-    work = Path(tempfile.mkdtemp(prefix="crate-qsearch-"))
-    try:
-        while True:
-            tt = _with_float_layers(t, float_layers)
-            say(f"[search] {t.name}: float blocks {float_layers or 'none'}")
-            art = _compile(src, tt, out=work / f"try{len(attempts)}", probe=True, keep_failed=True, log=lambda s: None)
-            rep = parity([art], reference=src, data=data, limit=limit, tolerances=bud, progress=False)[0]
-            lat = _latency_ms(art, x1) if art.executor == t.backend else None
-            sens = _sensitivity(rep.layers) if rep.layers else [0.0] * depth
-            rec = {"float_layers": list(float_layers), "passed": rep.passed, "message": rep.message(),
-                   "top1_drop": rep.logits.get("top1_drop"), "top1_agreement": rep.logits.get("top1_agreement"),
-                   "min_support_iou": min(d["support_iou_mean"] for d in rep.layers) if rep.layers else None,
-                   "max_coding_rate_rel": max(d["coding_rate_rel"] for d in rep.layers) if rep.layers else None,
-                   "sensitivity": sens, "latency_b1_ms": lat, "executor": art.executor}
-            attempts.append(rec)
-            say(f"[search]   {'PASS' if rep.passed else 'fail'}: {rep.message()}"
-                + (f"; batch-1 {lat:.2f} ms" if lat is not None else ""))
-            score = (rep.passed, -len(float_layers), rec["top1_agreement"] or 0.0)
-            if best is None or score > best[0]:
-                best = (score, list(float_layers), rec)
-            if rep.passed:
-                break
-            cand = [(s, l) for l, s in enumerate(sens) if l not in float_layers]
-            if not cand:
-                break
-            float_layers = sorted(float_layers + [max(cand)[1]])
-        _, chosen, rec = best
-        say(f"[search] {'passing' if rec['passed'] else 'best (budget NOT met)'} configuration: float blocks {chosen or 'none'}; "
-            f"compiling it into {out}")
-        final = _compile(src, _with_float_layers(t, chosen), out=out, keep_failed=True)
-        result = {"target": t.name, "budget": bud, "data": data, "limit": limit, "chosen_float_layers": chosen,
-                  "passed": rec["passed"], "attempts": attempts, "artifact": str(out)}
-        Path(str(out) + ".search.json").write_text(json.dumps(result, indent=1, default=str))
-        if not rec["passed"]:
-            raise CrateEdgeError(f"{t.name}: no configuration met the budget ({rec['message']}); best saved at {out}, "
-                                 f"log {out}.search.json")
-        result["artifact_obj"] = final
-        return result
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    with output_lock(out, say=say):  # one search writes `out` at a time
+        work = work_dir(out, "search")
+        try:
+            while True:
+                tt = _with_float_layers(t, float_layers)
+                say(f"[search] {t.name}: float blocks {float_layers or 'none'}")
+                art = _compile(src, tt, out=work / f"try{len(attempts)}", probe=True, keep_failed=True, log=lambda s: None,
+                               **cal_kw)
+                rep = parity([art], reference=src, data=data, limit=limit, tolerances=bud, progress=False)[0]
+                lat = _latency_ms(art, x1) if art.executor == t.backend else None
+                sens = _sensitivity(rep.layers) if rep.layers else [0.0] * depth
+                rec = {"float_layers": list(float_layers), "passed": rep.passed, "message": rep.message(),
+                       "top1_drop": rep.logits.get("top1_drop"), "top1_agreement": rep.logits.get("top1_agreement"),
+                       "min_support_iou": min(d["support_iou_mean"] for d in rep.layers) if rep.layers else None,
+                       "max_coding_rate_rel": max(d["coding_rate_rel"] for d in rep.layers) if rep.layers else None,
+                       "sensitivity": sens, "latency_b1_ms": lat, "executor": art.executor}
+                attempts.append(rec)
+                say(f"[search]   {'PASS' if rep.passed else 'fail'}: {rep.message()}"
+                    + (f"; batch-1 {lat:.2f} ms" if lat is not None else ""))
+                score = (rep.passed, -len(float_layers), rec["top1_agreement"] or 0.0)
+                if best is None or score > best[0]:
+                    best = (score, list(float_layers), rec)
+                if rep.passed:
+                    break
+                cand = [(s, l) for l, s in enumerate(sens) if l not in float_layers]
+                if not cand:
+                    break
+                float_layers = sorted(float_layers + [max(cand)[1]])
+            _, chosen, rec = best
+            say(f"[search] {'passing' if rec['passed'] else 'best (budget NOT met)'} configuration: float blocks {chosen or 'none'}; "
+                f"compiling it into {out}")
+            search_log = {"target": t.name, "budget": bud, "data": data, "limit": limit, "chosen_float_layers": chosen,
+                          "passed": rec["passed"], "attempts": attempts, "artifact": str(out)}
+            final = _compile(src, _with_float_layers(t, chosen), out=out, keep_failed=True, **cal_kw,
+                             extra_files={SEARCH_LOG: json.dumps(search_log, indent=1, default=str)})
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    if not rec["passed"]:
+        raise CrateEdgeError(f"{t.name}: no configuration met the budget ({rec['message']}); best saved at {out}, "
+                             f"log {out / SEARCH_LOG}")
+    return {**search_log, "artifact_obj": final}
 
 
 def feed_site_inputs(module: nn.Module, sites: dict[str, str], images: torch.Tensor, observe, batch: int = 32) -> None:

@@ -27,4 +27,6 @@ def assert_parity(artifact, reference=None, data: str = "embedded", limit: int |
         if asked:
             raise AssertionError(f"{r.label}: cannot check {', '.join(asked)}: the artifact is not a probe build "
                                  "(compile with probe=True for per-layer parity)")
+        if "max_top1_drop" in tolerances and "max_top1_drop" in r.unchecked:
+            raise AssertionError(f"{r.label}: cannot check max_top1_drop: {report.data} has no labels")
     return report

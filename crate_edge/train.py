@@ -10,6 +10,7 @@ safetensors, progress as JSON) written after every `checkpoint_every` epochs.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,10 +24,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import atomic_dir, save_model
-from .data import load_dataset, prepare
+from .checkpoint import save_model
+from .data import load_dataset, open_inputs, prepare
 from .errors import CrateEdgeError
 from .model import CRATE, VARIANTS, CrateConfig
+from .outputs import atomic_dir, atomic_write, owned_dir
 
 try:
     import tomllib
@@ -170,7 +172,7 @@ def _save_resume(out: Path, model: CRATE, opt: torch.optim.Optimizer, state: dic
         for name, v in st.items():
             tensors[f"optim.{pid}.{name}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
     state = {**state, "param_groups": osd["param_groups"], "rng": torch.get_rng_state().tolist()}
-    with atomic_dir(out / "resume") as tmp:
+    with atomic_dir(out / "resume", "resume") as tmp:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state))
 
@@ -181,8 +183,11 @@ def _load_resume(out: Path, model: CRATE, opt: torch.optim.Optimizer) -> dict | 
     d = out / "resume"
     if not (d / "state.json").exists():
         return None
-    state = json.loads((d / "state.json").read_text())
-    tensors = load_file(str(d / "state.safetensors"))
+    try:
+        state = json.loads((d / "state.json").read_text())
+        tensors = load_file(str(d / "state.safetensors"))
+    except Exception as e:  # noqa: BLE001 - written atomically, so only outside hands get here
+        raise CrateEdgeError(f"{d}: unreadable resume state ({str(e).splitlines()[0][:200]}); use --no-resume or a new --out") from None
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     osd: dict[str, Any] = {"state": {}, "param_groups": state.pop("param_groups")}
     for k, v in tensors.items():
@@ -206,20 +211,19 @@ def _dist():
 
 
 @torch.no_grad()
-def evaluate(model, ds, cfg: CrateConfig, batch_size: int = 256, device="cpu", progress: bool = False) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of `model` on a dataset."""
-    from .data import loader
-
+@torch.no_grad()
+def evaluate(model, inputs, batch_size: int = 256, device="cpu", progress: bool = False) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of `model` on labelled inputs (a crate_edge.data.InputSet)."""
     model.eval()
     correct = n = 0
     loss = 0.0
-    it = loader(ds, batch_size)
+    it = inputs.batches(batch_size)
     if progress:
         from tqdm import tqdm
 
-        it = tqdm(it, desc="eval", unit="batch", file=sys.stderr, leave=False)
-    for imgs, labels in it:
-        x, y = prepare(imgs, cfg).to(device), labels.to(device)
+        it = tqdm(it, total=-(-len(inputs) // batch_size), desc="eval", unit="batch", file=sys.stderr, leave=False)
+    for x, y in it:
+        x, y = x.to(device), y.to(device)
         logits = model(x).float()
         loss += F.cross_entropy(logits, y, reduction="sum").item()
         correct += (logits.argmax(-1) == y).sum().item()
@@ -261,99 +265,103 @@ def train(recipe: Recipe | str | os.PathLike, out_dir: str | os.PathLike, resume
     train_ds = load_dataset(r.data.train, "train", cfg.image_size, cfg.channels)
     if r.data.limit:
         train_ds = torch.utils.data.Subset(train_ds, range(min(r.data.limit, len(train_ds))))
-    val_ds = load_dataset(r.data.val, "test", cfg.image_size, cfg.channels) if r.data.val else None
+    val_ds = open_inputs(r.data.val, cfg, "test").require_labels("validation", cfg.num_classes) if r.data.val else None
 
-    start_epoch, log = 0, []
-    if resume and rank == 0:
-        st = _load_resume(out, model, opt)
-        if st is not None:
-            same = json.loads(json.dumps(dataclasses.asdict(r))) | {"epochs": st["recipe"]["epochs"]}
-            if st.get("recipe") != same:
-                raise CrateEdgeError(f"{out}/resume was written by a different recipe; use a new --out or --no-resume")
-            start_epoch, log = st["epoch"], st["log"]
-            print(f"resuming {out} at epoch {start_epoch}", file=sys.stderr)
-    if world > 1:  # every rank starts from rank 0's weights and epoch
-        for p in model.state_dict().values():
-            torch.distributed.broadcast(p, 0)
-        t = torch.tensor([start_epoch], device=device)
-        torch.distributed.broadcast(t, 0)
-        start_epoch = int(t.item())
+    # rank 0 owns OUT for the whole run: refused if it holds files crate-edge did not write, or
+    # if another process is training into it
+    claim = owned_dir(out, "train-run", dirs=("resume", "model")) if rank == 0 else contextlib.nullcontext()
+    with claim:
+        start_epoch, log = 0, []
+        if resume and rank == 0:
+            st = _load_resume(out, model, opt)
+            if st is not None:
+                same = json.loads(json.dumps(dataclasses.asdict(r))) | {"epochs": st["recipe"]["epochs"]}
+                if st.get("recipe") != same:
+                    raise CrateEdgeError(f"{out}/resume was written by a different recipe; use a new --out or --no-resume")
+                start_epoch, log = st["epoch"], st["log"]
+                print(f"resuming {out} at epoch {start_epoch}", file=sys.stderr)
+        if world > 1:  # every rank starts from rank 0's weights and epoch
+            for p in model.state_dict().values():
+                torch.distributed.broadcast(p, 0)
+            t = torch.tensor([start_epoch], device=device)
+            torch.distributed.broadcast(t, 0)
+            start_epoch = int(t.item())
 
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-    step_fn = torch.compile(ddp) if r.compile else ddp
-    local_bs = r.batch_size // world
-    if local_bs * world != r.batch_size:
-        raise CrateEdgeError(f"batch_size {r.batch_size} is not divisible by {world} ranks")
-    sampler = torch.utils.data.DistributedSampler(train_ds, world, rank, shuffle=True, seed=r.seed, drop_last=True) if world > 1 else None
-    steps_per_epoch = len(train_ds) // r.batch_size
-    if steps_per_epoch == 0:
-        raise CrateEdgeError(f"training set ({len(train_ds)} images) is smaller than one batch ({r.batch_size})")
-    total = steps_per_epoch * r.epochs
-    record: dict[str, Any] = {}
+        ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        step_fn = torch.compile(ddp) if r.compile else ddp
+        local_bs = r.batch_size // world
+        if local_bs * world != r.batch_size:
+            raise CrateEdgeError(f"batch_size {r.batch_size} is not divisible by {world} ranks")
+        sampler = torch.utils.data.DistributedSampler(train_ds, world, rank, shuffle=True, seed=r.seed, drop_last=True) if world > 1 else None
+        steps_per_epoch = len(train_ds) // r.batch_size
+        if steps_per_epoch == 0:
+            raise CrateEdgeError(f"training set ({len(train_ds)} images) is smaller than one batch ({r.batch_size})")
+        total = steps_per_epoch * r.epochs
+        record: dict[str, Any] = {}
 
-    for epoch in range(start_epoch, min(r.epochs, until or r.epochs)):
-        model.train()
-        gen = torch.Generator().manual_seed(r.seed * 7919 + 1000 * rank + epoch)  # resumable augmentation
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-            order = list(iter(sampler))
-        else:
-            order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(r.seed * 100003 + epoch)).tolist()
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{r.epochs}", unit="step", file=sys.stderr,
-                   disable=not progress or rank != 0, mininterval=1.0 if sys.stderr.isatty() else 30.0)
-        t0, seen, run_loss, run_correct = time.time(), 0, 0.0, 0
-        for i in bar:
-            idx = order[i * local_bs : (i + 1) * local_bs]
-            imgs, labels = _gather(train_ds, idx)
-            x = augment(prepare(imgs, cfg).to(device, non_blocking=True), r.augment, gen)
-            y = labels.to(device, non_blocking=True)
-            lr = lr_at(r, epoch * steps_per_epoch + i, total, steps_per_epoch)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = step_fn(x)
-                loss = F.cross_entropy(logits.float(), y, label_smoothing=r.optim.label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if r.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), r.optim.grad_clip)
-            opt.step()
-            if not torch.isfinite(loss):
-                raise CrateEdgeError(f"loss became {loss.item()} at epoch {epoch + 1} step {i}; lower the learning rate")
-            seen += len(y) * world
-            run_loss += loss.item()
-            run_correct += (logits.argmax(-1) == y).sum().item()
-            bar.set_postfix(loss=f"{run_loss / (i + 1):.4f}", acc=f"{run_correct / ((i + 1) * len(y)):.3f}",
-                            img_s=f"{seen / (time.time() - t0):.0f}", lr=f"{lr:.2e}")
-        dt = time.time() - t0
-        record = {"epoch": epoch + 1, "train_loss": run_loss / steps_per_epoch,
-                  "train_acc": run_correct / (steps_per_epoch * local_bs), "images_per_s": seen / dt, "seconds": dt,
-                  "lr": lr, "device": str(device), "world_size": world}
-        if rank == 0 and val_ds is not None and ((epoch + 1) % r.eval_every == 0 or epoch + 1 == r.epochs):
-            model.set_fused(False)  # evaluate the reference formulation that will be shipped
-            ev = evaluate(model, val_ds, cfg, device=device)
-            model.set_fused(r.fused)
-            record.update(val_top1=ev["top1"], val_loss=ev["loss"])
+        for epoch in range(start_epoch, min(r.epochs, until or r.epochs)):
+            model.train()
+            gen = torch.Generator().manual_seed(r.seed * 7919 + 1000 * rank + epoch)  # resumable augmentation
+            if sampler is not None:
+                sampler.set_epoch(epoch)
+                order = list(iter(sampler))
+            else:
+                order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(r.seed * 100003 + epoch)).tolist()
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{r.epochs}", unit="step", file=sys.stderr,
+                       disable=not progress or rank != 0, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+            t0, seen, run_loss, run_correct = time.time(), 0, 0.0, 0
+            for i in bar:
+                idx = order[i * local_bs : (i + 1) * local_bs]
+                imgs, labels = _gather(train_ds, idx)
+                x = augment(prepare(imgs, cfg).to(device, non_blocking=True), r.augment, gen)
+                y = labels.to(device, non_blocking=True)
+                lr = lr_at(r, epoch * steps_per_epoch + i, total, steps_per_epoch)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    logits = step_fn(x)
+                    loss = F.cross_entropy(logits.float(), y, label_smoothing=r.optim.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if r.optim.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), r.optim.grad_clip)
+                opt.step()
+                if not torch.isfinite(loss):
+                    raise CrateEdgeError(f"loss became {loss.item()} at epoch {epoch + 1} step {i}; lower the learning rate")
+                seen += len(y) * world
+                run_loss += loss.item()
+                run_correct += (logits.argmax(-1) == y).sum().item()
+                bar.set_postfix(loss=f"{run_loss / (i + 1):.4f}", acc=f"{run_correct / ((i + 1) * len(y)):.3f}",
+                                img_s=f"{seen / (time.time() - t0):.0f}", lr=f"{lr:.2e}")
+            dt = time.time() - t0
+            record = {"epoch": epoch + 1, "train_loss": run_loss / steps_per_epoch,
+                      "train_acc": run_correct / (steps_per_epoch * local_bs), "images_per_s": seen / dt, "seconds": dt,
+                      "lr": lr, "device": str(device), "world_size": world}
+            if rank == 0 and val_ds is not None and ((epoch + 1) % r.eval_every == 0 or epoch + 1 == r.epochs):
+                model.set_fused(False)  # evaluate the reference formulation that will be shipped
+                ev = evaluate(model, val_ds, device=device)
+                model.set_fused(r.fused)
+                record.update(val_top1=ev["top1"], val_loss=ev["loss"])
+            if rank == 0:
+                log.append(record)
+                print(json.dumps(record), file=sys.stderr, flush=True)
+                if (epoch + 1) % r.checkpoint_every == 0 or epoch + 1 in (r.epochs, until):
+                    _save_resume(out, model, opt, {"epoch": epoch + 1, "log": log, "recipe": dataclasses.asdict(r)})
+                    atomic_write(out / "train_log.json", json.dumps({"recipe": dataclasses.asdict(r), "log": log}, indent=1))
+        from .checkpoint import model_hash
+
+        model.set_fused(False)
+        final = {**(log[-1] if log else record), "weights_sha256": model_hash(model)}  # every rank: DDP keeps them equal
+        finished = bool(log) and log[-1]["epoch"] == r.epochs
+        if rank == 0 and finished:  # a run stopped by `until` leaves only resume/, not a model
+            save_model(model.cpu(), out / "model", metadata={"recipe": r.name, "epochs": r.epochs,
+                                                            "final": record or (log[-1] if log else {})})
         if rank == 0:
-            log.append(record)
-            print(json.dumps(record), file=sys.stderr, flush=True)
-            if (epoch + 1) % r.checkpoint_every == 0 or epoch + 1 in (r.epochs, until):
-                _save_resume(out, model, opt, {"epoch": epoch + 1, "log": log, "recipe": dataclasses.asdict(r)})
-                (out / "train_log.json").write_text(json.dumps({"recipe": dataclasses.asdict(r), "log": log}, indent=1))
-    from .checkpoint import model_hash
-
-    model.set_fused(False)
-    final = {**(log[-1] if log else record), "weights_sha256": model_hash(model)}  # every rank: DDP keeps them equal
-    finished = bool(log) and log[-1]["epoch"] == r.epochs
-    if rank == 0 and finished:  # a run stopped by `until` leaves only resume/, not a model
-        save_model(model.cpu(), out / "model", metadata={"recipe": r.name, "epochs": r.epochs,
-                                                        "final": record or (log[-1] if log else {})})
-    if rank == 0:
-        (out / "train_log.json").write_text(json.dumps({"recipe": dataclasses.asdict(r), "log": log}, indent=1))
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return final
+            atomic_write(out / "train_log.json", json.dumps({"recipe": dataclasses.asdict(r), "log": log}, indent=1))
+        if world > 1:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        return final
 
 
 def _gather(ds, idx):

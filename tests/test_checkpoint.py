@@ -79,7 +79,7 @@ def test_pool_defaults_to_cls_and_can_be_mean(ref_ckpt):
 def test_crate_edge_format_round_trip(tmp_path, ref_ckpt):
     m = load_model(ref_ckpt, heads=4, pool="mean")
     out = save_model(m, tmp_path / "m")
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(out)) == [".crate-edge.json", "config.json", "model.safetensors"]  # crate_edge.outputs.MARKER
     doc = json.loads((out / "config.json").read_text())
     assert doc["format"] == "crate-edge" and doc["config"]["pool"] == "mean" and doc["config"]["heads"] == 4
     x = torch.randn(2, 3, 32, 32)

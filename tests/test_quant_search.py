@@ -39,7 +39,7 @@ def test_passing_budget_keeps_everything_quantized(tmp_path):
     assert r["passed"] and r["chosen_float_layers"] == [] and len(r["attempts"]) == 1
     art = crate_edge.load_artifact(out)
     assert not art.probe and art.manifest["quantization"]["config"]["float_layers"] == []
-    assert json.loads((tmp_path / "art.search.json").read_text())["passed"]
+    assert json.loads((tmp_path / "art" / "search.json").read_text())["passed"]
 
 
 def test_impossible_budget_raises_blocks_by_sensitivity_and_saves_the_best(tmp_path):
@@ -50,7 +50,7 @@ def test_impossible_budget_raises_blocks_by_sensitivity_and_saves_the_best(tmp_p
         # 200 dB SQNR in every layer: no quantized configuration can pass (the embed and head
         # GEMMs stay quantized even with every block in float)
         search(m, _target(tmp_path), out, budget={"min_sqnr_db": 200.0}, limit=64, log=lambda s: None)
-    log = json.loads((tmp_path / "art.search.json").read_text())
+    log = json.loads((tmp_path / "art" / "search.json").read_text())
     att = log["attempts"]
     assert len(att) == m.cfg.depth + 1 and not any(a["passed"] for a in att)
     for prev, nxt in zip(att, att[1:]):  # one block more each time: the most sensitive one left
