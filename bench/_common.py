@@ -1,6 +1,7 @@
 """What the in-process measurement scripts (cpu_targets.py, quant_speed.py) share: the timing
 loop and writing a result as JSON plus a Markdown table. (`crate-edge bench` runs each contender
 in its own process; these scripts time every contender in one.)"""
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ def time_rounds(fns: dict, x: np.ndarray, warmup: int, rounds: int, per_round: i
             f(x)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(rounds):
-        order = list(fns)[r % len(fns):] + list(fns)[: r % len(fns)]
+        order = list(fns)[r % len(fns) :] + list(fns)[: r % len(fns)]
         for k in order:
             fns[k](x)
             for _ in range(per_round):

@@ -8,6 +8,7 @@ timed in interleaved rounds (round-robin, so drift on a shared machine hits all 
 median over all rounds is reported, with ratios against upstream eager. Writes JSON, a Markdown
 table and a PNG chart to bench/results/.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 import crate_edge  # noqa: E402
 from bench._common import time_rounds, write_tables  # noqa: E402
-from crate_edge.compiler import compile_each  # noqa: E402
 from crate_edge.backends.base import host_info  # noqa: E402
+from crate_edge.compiler import compile_each  # noqa: E402
 from crate_edge.rewrites import apply  # noqa: E402
 
 CPU_TARGETS = ["onnxruntime", "aoti", "executorch", "tvm"]
@@ -63,6 +64,7 @@ def main():
         def f(inp):
             with torch.no_grad():
                 return m(torch.from_numpy(inp)).numpy()
+
         return f
 
     fns = {"eager upstream": eager(model), "eager folded+SDPA": eager(folded)}
@@ -74,27 +76,52 @@ def main():
     arts, skipped = compile_each(model, a.targets, art_root, prefix=f"{a.model}-", parity_limit=200)
     for t, art in arts.items():
         fns[t] = art
-        rows_meta[t] = {"max_abs_vs_upstream": float(np.abs(art(xn) - ref).max()),
-                        "parity": {k: art.manifest["parity"][k] for k in ("top1_agreement", "max_abs", "passed")},
-                        "rewrites": art.manifest["rewrites"], "executor": art.executor}
+        rows_meta[t] = {
+            "max_abs_vs_upstream": float(np.abs(art(xn) - ref).max()),
+            "parity": {k: art.manifest["parity"][k] for k in ("top1_agreement", "max_abs", "passed")},
+            "rewrites": art.manifest["rewrites"],
+            "executor": art.executor,
+        }
     print(f"timing {len(fns)} contenders: batch {a.batch}, {a.threads} threads", file=sys.stderr)
     times = time_rounds(fns, xn, a.warmup, a.rounds, a.per_round)
     base = float(np.median(times["eager upstream"]))
     rows = []
     for k, v in times.items():
         med = float(np.median(v))
-        rows.append({"contender": k, "median_ms": med, "p90_ms": float(np.percentile(v, 90)), "speedup_vs_upstream": base / med,
-                     **rows_meta.get(k, {})})
-    result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "model": label,
-              "batch": a.batch, "threads": a.threads, "host": host_info(), "rows": rows, "skipped": skipped,
-              "versions": {"torch": torch.__version__,
-                           **{k: f.manifest["backend"]["versions"] for k, f in fns.items() if hasattr(f, "manifest")}}}
+        rows.append(
+            {
+                "contender": k,
+                "median_ms": med,
+                "p90_ms": float(np.percentile(v, 90)),
+                "speedup_vs_upstream": base / med,
+                **rows_meta.get(k, {}),
+            }
+        )
+    result = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": label,
+        "batch": a.batch,
+        "threads": a.threads,
+        "host": host_info(),
+        "rows": rows,
+        "skipped": skipped,
+        "versions": {
+            "torch": torch.__version__,
+            **{k: f.manifest["backend"]["versions"] for k, f in fns.items() if hasattr(f, "manifest")},
+        },
+    }
     stem = f"cpu_targets_{a.model}_b{a.batch}_t{a.threads}"
-    lines = [f"{label}, batch {a.batch}, {a.threads} threads, {result['host']['cpu']}, {result['date'][:10]}", "",
-             "| contender | median ms | p90 ms | vs eager upstream | max abs vs upstream |", "|---|---|---|---|---|"]
+    lines = [
+        f"{label}, batch {a.batch}, {a.threads} threads, {result['host']['cpu']}, {result['date'][:10]}",
+        "",
+        "| contender | median ms | p90 ms | vs eager upstream | max abs vs upstream |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['contender']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['speedup_vs_upstream']:.2f}x | "
-                     f"{r.get('max_abs_vs_upstream', float('nan')):.1e} |")
+        lines.append(
+            f"| {r['contender']} | {r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['speedup_vs_upstream']:.2f}x | "
+            f"{r.get('max_abs_vs_upstream', float('nan')):.1e} |"
+        )
     for k, v in skipped.items():
         lines.append(f"| {k} | skipped: {v} | | | |")
     out = write_tables(a.out, stem, result, lines)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU half of the performance table (issue 5 item 5) on an NVIDIA host whose python3 has torch
+# The GPU half of the performance table on an NVIDIA host whose python3 has torch
 # for CUDA (onnxruntime-gpu, TVM and TensorRT are used where installed, else listed as skipped).
 # One model per call keeps each call short; the second appends to the first's file:
 #   bash bench/gpu.sh tiny              # -> $OUT (or bench/results)/table_gpu.{json,md,png}

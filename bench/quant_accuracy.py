@@ -1,4 +1,4 @@
-"""Issue 4's accuracy budgets, measured: every reduced-precision target that compiles here, on
+"""The reduced-precision accuracy budgets, measured: every reduced-precision target that compiles here, on
 the embedded reference model, against the eager fp32 model over the Fashion-MNIST test set.
 
     python bench/quant_accuracy.py [--targets T ...] [--limit N] [--out bench/results/quant]
@@ -9,6 +9,7 @@ top-1 drop <= 0.3 points, ISTA support IoU >= 0.90 per layer, coding rate within
 fp16: top-1 agreement >= 99.5%). Writes parity.json / .md / .png (per-layer curves of the
 reference against every target) and summary.md to --out. Exits 1 if any target misses its budget.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,17 +47,21 @@ def main() -> int:
         return 1
     rep = parity(arts, reference=model, data=a.data, limit=a.limit, progress=True)
     out = rep.write(a.out)
-    lines = [f"Embedded reference model, {rep.n} images of {rep.data}; reference (eager fp32) top-1 "
-             f"{100 * rep.reference['top1']:.2f}%.", "",
-             "| target | executor | top-1 | drop (points) | agreement | min layer IoU | max layer R^c rel | budget |",
-             "|---|---|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"Embedded reference model, {rep.n} images of {rep.data}; reference (eager fp32) top-1 {100 * rep.reference['top1']:.2f}%.",
+        "",
+        "| target | executor | top-1 | drop (points) | agreement | min layer IoU | max layer R^c rel | budget |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
     for r in rep.results:
         lg, ls = r.logits, r.layers or []
         iou = min((d["support_iou_mean"] for d in ls), default=float("nan"))
         cr = max((d["coding_rate_rel"] for d in ls), default=float("nan"))
-        lines.append(f"| {r.target} | {r.executor} | {100 * lg['artifact_top1']:.2f}% | {100 * lg['top1_drop']:+.2f} | "
-                     f"{100 * lg['top1_agreement']:.2f}% | {iou:.3f} | {100 * cr:.2f}% | "
-                     f"{'pass' if r.passed else 'FAIL: ' + r.message()} |")
+        lines.append(
+            f"| {r.target} | {r.executor} | {100 * lg['artifact_top1']:.2f}% | {100 * lg['top1_drop']:+.2f} | "
+            f"{100 * lg['top1_agreement']:.2f}% | {iou:.3f} | {100 * cr:.2f}% | "
+            f"{'pass' if r.passed else 'FAIL: ' + r.message()} |"
+        )
     for k, v in skipped.items():
         lines.append(f"| {k} | skipped: {v} | | | | | | |")
     (out / "summary.md").write_text("\n".join(lines) + "\n")

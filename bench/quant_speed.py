@@ -1,12 +1,13 @@
-"""Each reduced-precision CPU artifact against the same backend's fp32 artifact (issue 4's speed
-budget), in ONE process with interleaved rounds (no idle worker processes whose thread pools
-spin while another contender runs), plus eager upstream for the ratio of issue 5.
+"""Each reduced-precision CPU artifact against the same backend's fp32 artifact (the int8 speed-up
+over fp32), in ONE process with interleaved rounds (no idle worker processes whose thread pools
+spin while another contender runs), plus eager upstream for the speed-up ratio.
 
     python bench/quant_speed.py [--model tiny] [--threads 2] [--batch 1] [--artifacts DIR]
 
 Artifacts are compiled into --artifacts (reused when present and built from the same model).
 Writes bench/results/quant_speed_<model>_b<batch>_t<threads>.{json,md,png}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import crate_edge  # noqa: E402
-from crate_edge.backends.base import host_info  # noqa: E402
 from bench._common import time_rounds, write_tables  # noqa: E402
+from crate_edge.backends.base import host_info  # noqa: E402
 from crate_edge.compiler import compile_each  # noqa: E402
 
 PAIRS = [("executorch", "executorch-int8"), ("onnxruntime", "onnxruntime-int8"), ("tvm", "tvm-int8")]
@@ -58,19 +59,41 @@ def main():
     rows = []
     for fp, q in PAIRS:
         if fp in med and q in med:
-            rows.append({"backend": fp, "fp32_ms": med[fp], "reduced": q, "reduced_ms": med[q], "speedup_vs_fp32": med[fp] / med[q],
-                         "fp32_vs_upstream": med["eager upstream"] / med[fp], "reduced_vs_upstream": med["eager upstream"] / med[q]})
-    res = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "model": label, "batch": a.batch,
-           "threads": a.threads, "host": host_info(), "median_ms": med, "p90_ms": {k: float(np.percentile(v, 90)) for k, v in times.items()},
-           "rows": rows, "skipped": skipped}
+            rows.append(
+                {
+                    "backend": fp,
+                    "fp32_ms": med[fp],
+                    "reduced": q,
+                    "reduced_ms": med[q],
+                    "speedup_vs_fp32": med[fp] / med[q],
+                    "fp32_vs_upstream": med["eager upstream"] / med[fp],
+                    "reduced_vs_upstream": med["eager upstream"] / med[q],
+                }
+            )
+    res = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "model": label,
+        "batch": a.batch,
+        "threads": a.threads,
+        "host": host_info(),
+        "median_ms": med,
+        "p90_ms": {k: float(np.percentile(v, 90)) for k, v in times.items()},
+        "rows": rows,
+        "skipped": skipped,
+    }
     stem = f"quant_speed_{a.model}_b{a.batch}_t{a.threads}"
-    lines = [f"{label}, batch {a.batch}, {a.threads} threads, {res['host']['cpu']}, {res['date'][:10]}; eager upstream "
-             f"{med['eager upstream']:.1f} ms (median of {a.rounds * a.per_round} interleaved calls per contender, one process)", "",
-             "| backend | fp32 ms | reduced target | reduced ms | reduced vs fp32 | fp32 vs eager upstream | reduced vs eager upstream |",
-             "|---|---:|---|---:|---:|---:|---:|"]
+    lines = [
+        f"{label}, batch {a.batch}, {a.threads} threads, {res['host']['cpu']}, {res['date'][:10]}; eager upstream "
+        f"{med['eager upstream']:.1f} ms (median of {a.rounds * a.per_round} interleaved calls per contender, one process)",
+        "",
+        "| backend | fp32 ms | reduced target | reduced ms | reduced vs fp32 | fp32 vs eager upstream | reduced vs eager upstream |",
+        "|---|---:|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['backend']} | {r['fp32_ms']:.2f} | {r['reduced']} | {r['reduced_ms']:.2f} | {r['speedup_vs_fp32']:.2f}x | "
-                     f"{r['fp32_vs_upstream']:.2f}x | {r['reduced_vs_upstream']:.2f}x |")
+        lines.append(
+            f"| {r['backend']} | {r['fp32_ms']:.2f} | {r['reduced']} | {r['reduced_ms']:.2f} | {r['speedup_vs_fp32']:.2f}x | "
+            f"{r['fp32_vs_upstream']:.2f}x | {r['reduced_vs_upstream']:.2f}x |"
+        )
     for k, v in skipped.items():
         lines.append(f"| {k} | skipped: {v} | | | | | |")
     out = write_tables(a.out, stem, res, lines)

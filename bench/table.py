@@ -32,6 +32,7 @@ models to an existing file of the same device (to split a long GPU run into shor
     python bench/table.py --device cuda --models tiny --out bench/results
     python bench/table.py --device cuda --models base --out bench/results --append
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,6 +64,7 @@ def say(msg: str) -> None:
 
 # ------------------------------------------------------------------ FLOPs
 
+
 def gemm_flops(cfg) -> dict[str, int]:
     """GEMM FLOPs (2 per multiply-add) per image; LayerNorm, softmax and elementwise ops excluded."""
     n = cfg.num_patches + 1
@@ -76,8 +78,13 @@ def gemm_flops(cfg) -> dict[str, int]:
     ista_one = 2 * n * d * d
     up = embed + cfg.depth * (mssa + 3 * ista_one) + head
     folded = embed + cfg.depth * (mssa + ista_one) + head
-    return {"upstream": up, "folded": folded, "ista_upstream_per_layer": 3 * ista_one, "ista_folded_per_layer": ista_one,
-            "attention_products_per_layer": 4 * n * n * inner}
+    return {
+        "upstream": up,
+        "folded": folded,
+        "ista_upstream_per_layer": 3 * ista_one,
+        "ista_folded_per_layer": ista_one,
+        "attention_products_per_layer": 4 * n * n * inner,
+    }
 
 
 def counted_flops(model) -> int:
@@ -90,6 +97,7 @@ def counted_flops(model) -> int:
 
 
 # ------------------------------------------------------------------ GEMM ceilings
+
 
 def _rate(f, flops: float, min_s: float, sync=lambda: None) -> float:
     """GFLOP/s of f; sync() waits for queued work (a GPU's stream) before a clock is read."""
@@ -125,8 +133,13 @@ def _ort_gemm_rates(m: int, k: int, n: int, threads: int, min_s: float) -> tuple
     so.intra_op_num_threads = threads
 
     def sess(op, a_t, y_t, w):
-        g = helper.make_graph([helper.make_node(op, ["a", "w"], ["y"])], "g", [helper.make_tensor_value_info("a", a_t, [m, k])],
-                              [helper.make_tensor_value_info("y", y_t, [m, n])], [numpy_helper.from_array(w, "w")])
+        g = helper.make_graph(
+            [helper.make_node(op, ["a", "w"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("a", a_t, [m, k])],
+            [helper.make_tensor_value_info("y", y_t, [m, n])],
+            [numpy_helper.from_array(w, "w")],
+        )
         mod = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
         return ort.InferenceSession(mod.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
@@ -163,7 +176,9 @@ def gemm_ceilings(m: int, k: int, n: int, threads: int, min_s: float) -> dict:
             xq = torch.quantize_per_tensor(a, 0.05, 64, torch.quint8)
             wq = torch.quantize_per_tensor(b.t().contiguous(), 0.02, 0, torch.qint8)
             pk = torch.ops.quantized.linear_prepack(wq, None)
-            int8[f"quantized.linear ({torch.backends.quantized.engine})"] = _rate(lambda: torch.ops.quantized.linear(xq, pk, 0.1, 64), fl, min_s)
+            int8[f"quantized.linear ({torch.backends.quantized.engine})"] = _rate(
+                lambda: torch.ops.quantized.linear(xq, pk, 0.1, 64), fl, min_s
+            )
     except (RuntimeError, AttributeError) as e:
         int8["quantized.linear"] = f"unavailable: {str(e).splitlines()[0][:120]}"
     # ONNX Runtime's MLAS GEMMs (the fastest fp32 and u8s8 kernels measured on this CPU in situ)
@@ -243,6 +258,7 @@ def speedup_bound(cfg, fl: dict, ceil: dict, rep) -> dict:
 
 # ------------------------------------------------------------------ main
 
+
 def runnable_targets(names: list[str] | None, device: str = "cpu") -> tuple[list[str], dict[str, str]]:
     """The targets to measure (default: every target whose artifacts execute on `device`) and,
     for those that cannot compile or run here, why."""
@@ -275,8 +291,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=None, help="Comma-separated: tiny,embedded (default both; --quick: embedded)")
     ap.add_argument("--targets", nargs="*", default=None, help="Targets to try (default: every target in list_targets())")
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                    help="cpu: the CPU targets and baselines; cuda: the GPU targets and the torch baselines on the GPU")
+    ap.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="cpu: the CPU targets and baselines; cuda: the GPU targets and the torch baselines on the GPU",
+    )
     ap.add_argument("--threads", type=int, default=None, help="Threads for every contender (default: 2 on cpu, the usable cores on cuda)")
     ap.add_argument("--batch", default=None, help="Batch sizes (default 1,32; cuda: 1,256; --quick: 1)")
     ap.add_argument("--iters", type=int, default=None, help="Timed calls per contender and batch (default 30; --quick: 6)")
@@ -304,7 +324,9 @@ def main(argv=None):
     if a.append and (out / f"{stem}.json").exists():
         prev = json.loads((out / f"{stem}.json").read_text())
         if prev["settings"].get("device", "cpu") != a.device:
-            raise CrateEdgeError(f"--append: {out / (stem + '.json')} was measured on {prev['settings'].get('device', 'cpu')}, this run is {a.device}")
+            raise CrateEdgeError(
+                f"--append: {out / (stem + '.json')} was measured on {prev['settings'].get('device', 'cpu')}, this run is {a.device}"
+            )
     targets, skipped_all = runnable_targets(a.targets, a.device)
     for k, v in skipped_all.items():
         say(f"skip {k}: {v}")
@@ -323,7 +345,12 @@ def main(argv=None):
         min_s = 0.05 if a.quick else 0.5
         per_shape.append(gemm_ceilings_cuda(n_tok, d0, d0, min_s) if cuda else gemm_ceilings(n_tok, d0, d0, threads, min_s))
     precs = ("fp32", "tf32", "bf16", "fp16", "int8") if cuda else ("fp32", "bf16", "int8")
-    ceil = {"shapes": [c["shape"] for c in per_shape], "threads": None if cuda else threads, "per_shape": per_shape, "precisions": list(precs)}
+    ceil = {
+        "shapes": [c["shape"] for c in per_shape],
+        "threads": None if cuda else threads,
+        "per_shape": per_shape,
+        "precisions": list(precs),
+    }
     for prec in precs:
         best = max(per_shape, key=lambda c: c[prec]["gflops"] or 0.0)
         ceil[prec] = {**best[prec], "shape": best["shape"]}
@@ -348,12 +375,23 @@ def main(argv=None):
         fl["counted_folded"] = counted_flops(apply(model, [r for r in FOLDED_REWRITES if r != "sdpa_attention"]))
         fl["counted_folded_note"] = "FlopCounterMode on the folded model with explicit attention (it does not count CPU SDPA)"
         fl["analytic_matches_counter"] = fl["counted_upstream"] == fl["upstream"] and fl["counted_folded"] == fl["folded"]
-        say(f"{label}: {fl['upstream'] / 1e9:.3f} GFLOP/image upstream, {fl['folded'] / 1e9:.3f} folded "
-            f"(FlopCounterMode: {fl['counted_upstream'] / 1e9:.3f}, {fl['counted_folded'] / 1e9:.3f})")
+        say(
+            f"{label}: {fl['upstream'] / 1e9:.3f} GFLOP/image upstream, {fl['folded'] / 1e9:.3f} folded "
+            f"(FlopCounterMode: {fl['counted_upstream'] / 1e9:.3f}, {fl['counted_folded'] / 1e9:.3f})"
+        )
         built, skipped = compile_each(model, targets, art_root, prefix=f"{mname}-", parity_limit=200, log=say)
         arts = [art.path for art in built.values()]
-        rep = bench(arts, batch=batches, threads=threads, warmup=warmup, iters=iters, model=model if mname != "embedded" else None,
-                    baselines=baselines, label=label, device=a.device)
+        rep = bench(
+            arts,
+            batch=batches,
+            threads=threads,
+            warmup=warmup,
+            iters=iters,
+            model=model if mname != "embedded" else None,
+            baselines=baselines,
+            label=label,
+            device=a.device,
+        )
         rep.data["skipped"].update(skipped)
         roof = {}
         for c in rep.contenders:
@@ -364,14 +402,31 @@ def main(argv=None):
                 if "p50_ms" not in r or not g:
                     continue
                 floor = int(b) * flops / (g * 1e9) * 1e3
-                r["roofline"] = {"precision": prec, "ceiling_gflops": g, "gemm_flops": int(b) * flops, "min_ms": floor,
-                                 "fraction_of_ceiling": floor / r["p50_ms"]}
+                r["roofline"] = {
+                    "precision": prec,
+                    "ceiling_gflops": g,
+                    "gemm_flops": int(b) * flops,
+                    "min_ms": floor,
+                    "fraction_of_ceiling": floor / r["p50_ms"],
+                }
         for prec in ("fp32", "bf16", "int8"):
             g = ceil[prec]["gflops"]
-            roof[prec] = {str(b): {"upstream_min_ms": b * fl["upstream"] / (g * 1e9) * 1e3, "folded_min_ms": b * fl["folded"] / (g * 1e9) * 1e3}
-                          for b in batches} if g else None
-        result["models"][mname] = {"label": label, "flops": fl, "roofline_min_ms": roof, "bench": rep.to_dict(),
-                                   "speedup_bound": speedup_bound(model.cfg, fl, ceil, rep), "gemm_ceilings": ceil}
+            roof[prec] = (
+                {
+                    str(b): {"upstream_min_ms": b * fl["upstream"] / (g * 1e9) * 1e3, "folded_min_ms": b * fl["folded"] / (g * 1e9) * 1e3}
+                    for b in batches
+                }
+                if g
+                else None
+            )
+        result["models"][mname] = {
+            "label": label,
+            "flops": fl,
+            "roofline_min_ms": roof,
+            "bench": rep.to_dict(),
+            "speedup_bound": speedup_bound(model.cfg, fl, ceil, rep),
+            "gemm_ceilings": ceil,
+        }
         reports[mname] = rep
         result["host"] = rep.data["host"]
         write(result, out, stem)  # after each model: a long run that is cut short keeps what it measured
@@ -400,18 +455,26 @@ def render_md(result: dict) -> str:
     h = result["host"]
     gpu = s.get("device") == "cuda"
     dates = sorted({m["bench"]["date"][:10] for m in result["models"].values()})
-    where = (f"GPU {h.get('gpu')} (host CPU {h['cpu']}, {h['cores']} cores)" if gpu else
-             f"{h['cpu']} ({h['cores']} cores, {' '.join(h['isa'])})")
-    lines = [f"Measured {', '.join(dates)} on {where}, {s['threads']} threads; p50 over {s['iters']} calls per contender in "
-             "interleaved rounds, same inputs; speed-up = eager upstream p50 / p50; peak RSS = the contender's own process"
-             + ("; GPU contenders timed on GPU-resident inputs with a synchronize per call (no host<->device copies)." if gpu else "."), ""]
+    where = (
+        f"GPU {h.get('gpu')} (host CPU {h['cpu']}, {h['cores']} cores)" if gpu else f"{h['cpu']} ({h['cores']} cores, {' '.join(h['isa'])})"
+    )
+    lines = [
+        f"Measured {', '.join(dates)} on {where}, {s['threads']} threads; p50 over {s['iters']} calls per contender in "
+        "interleaved rounds, same inputs; speed-up = eager upstream p50 / p50; peak RSS = the contender's own process"
+        + ("; GPU contenders timed on GPU-resident inputs with a synchronize per call (no host<->device copies)." if gpu else "."),
+        "",
+    ]
     for mname, m in result["models"].items():
         fl = m["flops"]
-        lines += [f"**{m['label']}**: {fl['upstream'] / 1e9:.3f} GFLOP/image upstream (3 ISTA GEMMs), {fl['folded'] / 1e9:.3f} folded "
-                  f"(FlopCounterMode {'agrees' if fl['analytic_matches_counter'] else 'DISAGREES: ' + str((fl['counted_upstream'], fl['counted_folded']))})", "",
-                  "| contender | precision | batch | p50 ms | p99 ms | images/s | speed-up | roofline min ms (% of ceiling) | peak RSS MB | "
-                  + ("GPU peak MB | " if gpu else "") + "size MB |",
-                  "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+        lines += [
+            f"**{m['label']}**: {fl['upstream'] / 1e9:.3f} GFLOP/image upstream (3 ISTA GEMMs), {fl['folded'] / 1e9:.3f} folded "
+            f"(FlopCounterMode {'agrees' if fl['analytic_matches_counter'] else 'DISAGREES: ' + str((fl['counted_upstream'], fl['counted_folded']))})",
+            "",
+            "| contender | precision | batch | p50 ms | p99 ms | images/s | speed-up | roofline min ms (% of ceiling) | peak RSS MB | "
+            + ("GPU peak MB | " if gpu else "")
+            + "size MB |",
+            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
+        ]
         pad = " |" * (7 + gpu)
         for c in m["bench"]["contenders"]:
             for b, r in c["results"].items():
@@ -423,16 +486,26 @@ def render_md(result: dict) -> str:
                 size = f"{c['size_bytes'] / 1e6:.1f}" if c.get("size_bytes") else "-"
                 rss = f"{c['peak_rss_mb']:.0f}" if c.get("peak_rss_mb") else "n/a"
                 gmb = (f"{c['gpu_peak_mb']:.0f} | " if c.get("gpu_peak_mb") else "n/a | ") if gpu else ""
-                lines.append(f"| {c['name']} | {precision_of(c)} | {b} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['throughput_ips']:.0f} "
-                             f"| {r.get('speedup_vs_upstream', float('nan')):.2f}x | {rft} | {rss} | {gmb}{size} |")
+                lines.append(
+                    f"| {c['name']} | {precision_of(c)} | {b} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['throughput_ips']:.0f} "
+                    f"| {r.get('speedup_vs_upstream', float('nan')):.2f}x | {rft} | {rss} | {gmb}{size} |"
+                )
         for k, v in m["bench"]["skipped"].items():
             lines.append(f"| {k} | | | skipped: {v}{pad}")
         for b, sb in m.get("speedup_bound", {}).items():
             mx = sb["max_speedup"]
-            lines += ["", f"Upper bound on the speed-up over eager upstream at batch {b} on this machine (GEMMs alone at the ceilings "
-                      f"below, everything else free): fp32 {mx['fp32']:.2f}x"
-                      + (f"; int8 weight GEMMs with float attention products (the CRATE policy) {mx['int8_crate_policy']:.2f}x; "
-                         f"int8 everywhere {mx['int8_everything']:.2f}x" if "int8_crate_policy" in mx else "") + "."]
+            lines += [
+                "",
+                f"Upper bound on the speed-up over eager upstream at batch {b} on this machine (GEMMs alone at the ceilings "
+                f"below, everything else free): fp32 {mx['fp32']:.2f}x"
+                + (
+                    f"; int8 weight GEMMs with float attention products (the CRATE policy) {mx['int8_crate_policy']:.2f}x; "
+                    f"int8 everywhere {mx['int8_everything']:.2f}x"
+                    if "int8_crate_policy" in mx
+                    else ""
+                )
+                + ".",
+            ]
         lines.append("")
     for k, v in result["targets_skipped"].items():
         lines.append(f"- {k}: {v}")
@@ -443,10 +516,17 @@ def render_md(result: dict) -> str:
             continue
         seen.append(ceil)
         users = [v["label"].split(" (")[0] for v in result["models"].values() if v.get("gemm_ceilings", result["gemm_ceilings"]) == ceil]
-        lines += ["", f"GEMM ceilings{' measured with ' + ', '.join(users) if len(result['models']) > 1 else ''} (best of shapes {', '.join('x'.join(map(str, sh)) for sh in ceil['shapes'])}; "
-                  + ("CUDA" if gpu else f"{ceil['threads']} threads") + "): "
-                  + ", ".join(f"{p} {ceil[p]['gflops']:.1f} G{'OP' if p == 'int8' else 'FLOP'}/s ({ceil[p]['how']}, {'x'.join(map(str, ceil[p]['shape']))})"
-                              for p in ceil.get("precisions", ("fp32", "bf16", "int8")) if ceil[p]["gflops"])]
+        lines += [
+            "",
+            f"GEMM ceilings{' measured with ' + ', '.join(users) if len(result['models']) > 1 else ''} (best of shapes {', '.join('x'.join(map(str, sh)) for sh in ceil['shapes'])}; "
+            + ("CUDA" if gpu else f"{ceil['threads']} threads")
+            + "): "
+            + ", ".join(
+                f"{p} {ceil[p]['gflops']:.1f} G{'OP' if p == 'int8' else 'FLOP'}/s ({ceil[p]['how']}, {'x'.join(map(str, ceil[p]['shape']))})"
+                for p in ceil.get("precisions", ("fp32", "bf16", "int8"))
+                if ceil[p]["gflops"]
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 

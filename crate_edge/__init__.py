@@ -1,5 +1,6 @@
 """crate-edge: take a CRATE white-box transformer from training to TensorRT, TVM, Core ML,
 ExecuTorch, ONNX Runtime and AOTInductor, with proof of parity and measured speed."""
+
 from __future__ import annotations
 
 from ._version import __version__
@@ -36,5 +37,20 @@ from . import bench  # noqa: E402  (a callable module: crate_edge.bench(...) run
 
 # submodules with the other verbs: crate_edge.parity.parity(...), crate_edge.quantize.search(...),
 # crate_edge.testing.assert_parity(...)
-__all__ = ["compile", "load_artifact", "bench", "CRATE", "CrateConfig", "VARIANTS", "create_model", "list_variants", "load_model", "save_model",
-           "import_checkpoint", "evaluate", "CrateEdgeError", "BackendUnavailable", "__version__"]
+__all__ = [
+    "compile",
+    "load_artifact",
+    "bench",
+    "CRATE",
+    "CrateConfig",
+    "VARIANTS",
+    "create_model",
+    "list_variants",
+    "load_model",
+    "save_model",
+    "import_checkpoint",
+    "evaluate",
+    "CrateEdgeError",
+    "BackendUnavailable",
+    "__version__",
+]

@@ -1,6 +1,7 @@
 """Compiled artifacts: one directory per compile, holding the backend file(s), caches, and
 manifest.json (versions, target, source model hash, file hashes, input spec, precision map,
 rewrites, parity summary, host). `load_artifact` verifies every hash before loading."""
+
 from __future__ import annotations
 
 import json
@@ -11,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from .backends import get_backend
 from .checkpoint import sha256_file
-from .errors import CrateEdgeError
+from .errors import BackendUnavailable, CrateEdgeError
 
 MANIFEST = "manifest.json"
 ARTIFACT_FORMAT = "crate-edge-artifact"
@@ -97,8 +99,6 @@ def load_artifact(art_dir: str | os.PathLike, reference_ok: bool = False) -> Art
     """Verify hashes and load an artifact for execution on this machine. With reference_ok,
     a backend that cannot execute here (Core ML off macOS, TensorRT without a GPU) runs its
     closest executor instead, and `Artifact.executor` says which."""
-    from .backends import get_backend
-
     d = Path(art_dir)
     m = read_manifest(d)
     verify(d, m)
@@ -110,6 +110,4 @@ def load_artifact(art_dir: str | os.PathLike, reference_ok: bool = False) -> Art
         ref = be.reference_runner(d, m)
         if ref is not None:
             return Artifact(d, m, ref[0], executor=ref[1])
-    from .errors import BackendUnavailable
-
     raise BackendUnavailable(f"cannot run {m['target']['name']} artifact here: {why}")

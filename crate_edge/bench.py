@@ -31,6 +31,7 @@ How it measures:
 
 This module imports neither torch nor the backends at import time (see docs/on-device.md).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,8 +55,14 @@ MANIFEST = "manifest.json"
 BASELINES = ("upstream", "folded", "compile")
 BASELINE_LABELS = {"upstream": "eager upstream", "folded": "eager folded+SDPA", "compile": "torch.compile folded+SDPA"}
 FOLDED_REWRITES = ["shift_patch_norm", "fold_ista", "sdpa_attention"]
-RUNTIME_EXTRAS = {"onnxruntime": "onnx", "tvm": "tvm", "executorch": "executorch", "coreml": "coreml",
-                  "tensorrt": "tensorrt", "aoti": "test"}
+RUNTIME_EXTRAS = {
+    "onnxruntime": "onnx",
+    "tvm": "tvm",
+    "executorch": "executorch",
+    "coreml": "coreml",
+    "tensorrt": "tensorrt",
+    "aoti": "test",
+}
 LIBRARIES = ["torch", "numpy", "onnxruntime", "onnx", "executorch", "torchao", "apache-tvm", "coremltools", "tensorrt"]
 
 
@@ -64,6 +71,7 @@ def _say(msg: str) -> None:
 
 
 # ------------------------------------------------------------------ host (torch-free)
+
 
 def host_info() -> dict[str, Any]:
     """CPU model, cores, ISA flags, GPU and library versions, without importing torch."""
@@ -80,18 +88,29 @@ def host_info() -> dict[str, Any]:
                 if key == "model name":
                     break
         fl = next((l.split(":", 1)[1].split() for l in txt.splitlines() if l.split(":", 1)[0].strip() in ("flags", "Features")), [])
-        flags = sorted(f for f in fl if f.startswith(("avx", "amx", "fma", "sse4", "neon", "asimd", "sve", "sme", "i8mm", "bf16",
-                                                      "fphp", "dotprod", "asimddp")) or f in ("f16c",))
+        flags = sorted(
+            f
+            for f in fl
+            if f.startswith(("avx", "amx", "fma", "sse4", "neon", "asimd", "sve", "sme", "i8mm", "bf16", "fphp", "dotprod", "asimddp"))
+            or f in ("f16c",)
+        )
     except OSError:
         if platform.system() == "Darwin":
             try:
-                cpu = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5).stdout.strip() or cpu
+                cpu = (
+                    subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5).stdout.strip()
+                    or cpu
+                )
             except (OSError, subprocess.SubprocessError):
                 pass
     gpu = None
     try:
-        r = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                           capture_output=True, text=True, timeout=10)
+        r = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if r.returncode == 0 and r.stdout.strip():
             gpu = r.stdout.strip().splitlines()[0]
     except (OSError, subprocess.SubprocessError):
@@ -108,11 +127,21 @@ def host_info() -> dict[str, Any]:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
         affinity = os.cpu_count()
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(),
-            "cores_usable": affinity, "isa": flags, "gpu": gpu, "python": platform.python_version(), "libraries": libs}
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": affinity,
+        "isa": flags,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "libraries": libs,
+    }
 
 
 # ------------------------------------------------------------------ artifacts (torch-free)
+
 
 def _sha256(p: Path) -> str:
     h = hashlib.sha256()
@@ -159,16 +188,20 @@ def _set_thread_env(threads: int | None) -> None:
 
 
 def _runtime_missing(exc: ImportError, backend: str) -> CrateEdgeError:
-    return CrateEdgeError(f"runtime for {backend} not installed ({exc.name or exc}): pip install 'crate-edge[{RUNTIME_EXTRAS.get(backend, backend)}]'")
+    return CrateEdgeError(
+        f"runtime for {backend} not installed ({exc.name or exc}): pip install 'crate-edge[{RUNTIME_EXTRAS.get(backend, backend)}]'"
+    )
 
 
 def _split_batches(run, hi: int):
     """Inputs above the artifact's largest batch are run in chunks it accepts."""
+
     def f(x):
         if len(x) <= hi:
             return run(x)
         parts = [run(x[i : i + hi]) for i in range(0, len(x), hi)]
         return [np.concatenate(p) for p in zip(*parts)]
+
     if getattr(run, "device_call", None):  # a GPU runner's tensor-in, tensor-out entry (see _Worker.time_calls)
         f.device_call, f.max_batch = run.device_call, hi
     return f
@@ -238,6 +271,7 @@ def _tvm_local(d: Path, manifest: dict, threads: int | None):
 
 # ------------------------------------------------------------------ TVM RPC
 
+
 def parse_hostport(s: str, what: str = "--rpc") -> tuple[str, int]:
     host, sep, port = str(s).rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -266,8 +300,10 @@ class RPCRunner:
             else:
                 self.remote = trpc.connect(host, port, session_timeout=0)
         except Exception as e:  # TVM's errors are long; one line names the problem
-            raise CrateEdgeError(f"cannot reach the TVM RPC {'tracker' if key else 'server'} at {host}:{port}"
-                                 f"{' for key ' + key if key else ''}: {str(e).strip().splitlines()[-1][:200]}") from None
+            raise CrateEdgeError(
+                f"cannot reach the TVM RPC {'tracker' if key else 'server'} at {host}:{port}"
+                f"{' for key ' + key if key else ''}: {str(e).strip().splitlines()[-1][:200]}"
+            ) from None
         self.where = f"{'tracker ' if key else ''}{host}:{port}{' key ' + key if key else ''}"
         lib = Path(art_dir) / "model.so"
         remote_name = f"crate_edge_{hashlib.sha256(str(lib.resolve()).encode()).hexdigest()[:12]}.so"
@@ -309,6 +345,7 @@ class RPCRunner:
 
 
 # ------------------------------------------------------------------ worker process
+
 
 def _rss_mb() -> dict[str, float | None]:
     out: dict[str, float | None] = {"rss_mb": None, "vmhwm_mb": None, "ru_maxrss_mb": None}
@@ -399,10 +436,20 @@ class _Worker:
         self.run = run
         t2 = time.perf_counter()
         if "torch" in sys.modules:
-            self.torch_cuda = self.torch_cuda or bool(getattr(sys.modules["torch"], "cuda", None) and sys.modules["torch"].cuda.is_available()
-                                                        and sys.modules["torch"].cuda.is_initialized())
-        return {"ok": True, "import_s": t1 - t0, "load_s": t2 - t1, "rss_before_load_mb": rss0,
-                "rss_after_load_mb": _rss_mb()["rss_mb"], "torch_imported": "torch" in sys.modules, **info}
+            self.torch_cuda = self.torch_cuda or bool(
+                getattr(sys.modules["torch"], "cuda", None)
+                and sys.modules["torch"].cuda.is_available()
+                and sys.modules["torch"].cuda.is_initialized()
+            )
+        return {
+            "ok": True,
+            "import_s": t1 - t0,
+            "load_s": t2 - t1,
+            "rss_before_load_mb": rss0,
+            "rss_after_load_mb": _rss_mb()["rss_mb"],
+            "torch_imported": "torch" in sys.modules,
+            **info,
+        }
 
     def _x(self, spec) -> np.ndarray:
         b = int(spec["batch"])
@@ -482,10 +529,12 @@ def _worker_main() -> None:
 
 # Starts a worker without running crate_edge/__init__ (which imports torch): a bare package
 # module whose __path__ is this directory, so `crate_edge.bench` and what it imports resolve.
-_BOOT = ("import importlib.machinery as m, importlib.util as u, sys;"
-         "s = m.ModuleSpec('crate_edge', None, is_package=True); s.submodule_search_locations = [sys.argv[1]];"
-         "p = u.module_from_spec(s); sys.modules['crate_edge'] = p;"
-         "import crate_edge.bench as b; b._worker_main()")
+_BOOT = (
+    "import importlib.machinery as m, importlib.util as u, sys;"
+    "s = m.ModuleSpec('crate_edge', None, is_package=True); s.submodule_search_locations = [sys.argv[1]];"
+    "p = u.module_from_spec(s); sys.modules['crate_edge'] = p;"
+    "import crate_edge.bench as b; b._worker_main()"
+)
 
 
 class _Proc:
@@ -493,8 +542,14 @@ class _Proc:
         self.name = name
         self.log = log
         self.errf = open(log, "w")
-        self.p = subprocess.Popen([sys.executable, "-c", _BOOT, str(Path(__file__).resolve().parent)], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=self.errf, text=True, env=env)
+        self.p = subprocess.Popen(
+            [sys.executable, "-c", _BOOT, str(Path(__file__).resolve().parent)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.errf,
+            text=True,
+            env=env,
+        )
 
     def ask(self, timeout: float | None = None, **req) -> dict:
         try:
@@ -562,6 +617,7 @@ def _quiesce(procs: dict, quiet_s: float = 0.1, timeout: float = 3.0) -> float:
 
 # ------------------------------------------------------------------ the benchmark
 
+
 @dataclass
 class BenchReport:
     """Results of `bench`: `to_dict()`, `table()`, `plot(path)`, `write(out_dir)`."""
@@ -585,11 +641,14 @@ class BenchReport:
         timing = f"{s['seconds']} s per contender" if s.get("seconds") else f"{s['iters']} iterations"
         gpu = any(c.get("gpu_peak_mb") for c in self.contenders)
         where = d["host"]["cpu"] + (f", GPU {d['host']['gpu']}" if gpu and d["host"].get("gpu") else "")
-        lines = [f"{d['source_model'].get('label', 'source model')}: {s['threads']} threads, {timing} in {s['rounds']} interleaved "
-                 f"rounds after {s['warmup']} warm-up, {where}", "",
-                 "| contender | batch | p50 ms | p90 ms | p99 ms | images/s | vs eager upstream | max abs vs upstream "
-                 "| load s | first call ms | peak RSS MB | " + ("GPU peak MB | " if gpu else "") + "size MB |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else "")]
+        lines = [
+            f"{d['source_model'].get('label', 'source model')}: {s['threads']} threads, {timing} in {s['rounds']} interleaved "
+            f"rounds after {s['warmup']} warm-up, {where}",
+            "",
+            "| contender | batch | p50 ms | p90 ms | p99 ms | images/s | vs eager upstream | max abs vs upstream "
+            "| load s | first call ms | peak RSS MB | " + ("GPU peak MB | " if gpu else "") + "size MB |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
+        ]
         f = lambda v, fmt: "n/a" if v is None else format(v, fmt)  # noqa: E731
         pad = " |" * (10 + gpu)
         for c in self.contenders:
@@ -597,11 +656,13 @@ class BenchReport:
                 if "error" in r:
                     lines.append(f"| {c['name']} | {b} | failed: {r['error']}{pad}")
                     continue
-                lines.append(f"| {c['name']} | {b} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['throughput_ips']:.1f} "
-                             f"| {f(r.get('speedup_vs_upstream'), '.2f')}x | {f(r.get('max_abs_vs_upstream'), '.1e')} "
-                             f"| {f(c.get('load_s'), '.2f')} | {f(r.get('first_ms'), '.1f')} | {f(c.get('peak_rss_mb'), '.0f')} "
-                             + (f"| {f(c.get('gpu_peak_mb'), '.0f')} " if gpu else "")
-                             + f"| {f(c['size_bytes'] / 1e6 if c.get('size_bytes') else None, '.2f')} |")
+                lines.append(
+                    f"| {c['name']} | {b} | {r['p50_ms']:.3f} | {r['p90_ms']:.3f} | {r['p99_ms']:.3f} | {r['throughput_ips']:.1f} "
+                    f"| {f(r.get('speedup_vs_upstream'), '.2f')}x | {f(r.get('max_abs_vs_upstream'), '.1e')} "
+                    f"| {f(c.get('load_s'), '.2f')} | {f(r.get('first_ms'), '.1f')} | {f(c.get('peak_rss_mb'), '.0f')} "
+                    + (f"| {f(c.get('gpu_peak_mb'), '.0f')} " if gpu else "")
+                    + f"| {f(c['size_bytes'] / 1e6 if c.get('size_bytes') else None, '.2f')} |"
+                )
         for k, v in d["skipped"].items():
             lines.append(f"| {k} | | skipped: {v}{pad}")
         lines += ["", f"Peak RSS: {d['memory_note']}"]
@@ -656,7 +717,7 @@ class BenchReport:
 
 
 def parse_batches(spec) -> tuple[int, ...]:
-    """"1,8,32" (or an int, or a sequence) -> (1, 8, 32)."""
+    """ "1,8,32" (or an int, or a sequence) -> (1, 8, 32)."""
     if isinstance(spec, int):
         items = [spec]
     elif isinstance(spec, str):
@@ -675,8 +736,18 @@ def parse_batches(spec) -> tuple[int, ...]:
 def _stats(ms: list[float], batch: int) -> dict[str, float]:
     a = np.asarray(ms, dtype=np.float64)
     p10, p50, p90, p99 = (float(np.percentile(a, q)) for q in (10, 50, 90, 99))
-    return {"n": int(a.size), "p10_ms": p10, "p50_ms": p50, "p90_ms": p90, "p99_ms": p99, "mean_ms": float(a.mean()),
-            "min_ms": float(a.min()), "max_ms": float(a.max()), "std_ms": float(a.std()), "throughput_ips": batch / (p50 / 1e3)}
+    return {
+        "n": int(a.size),
+        "p10_ms": p10,
+        "p50_ms": p50,
+        "p90_ms": p90,
+        "p99_ms": p99,
+        "mean_ms": float(a.mean()),
+        "min_ms": float(a.min()),
+        "max_ms": float(a.max()),
+        "std_ms": float(a.std()),
+        "throughput_ips": batch / (p50 / 1e3),
+    }
 
 
 def _resolve_model(model, sha: str, tmp: Path) -> tuple[str, str]:
@@ -699,16 +770,31 @@ def _resolve_model(model, sha: str, tmp: Path) -> tuple[str, str]:
     got = model_hash(m)
     if got != sha:
         if model is None or model == "embedded":
-            raise CrateEdgeError(f"the artifacts were not compiled from the embedded model (source sha256 {sha[:12]}...): pass "
-                                 "--model with their source model for the baselines, or --baselines none")
+            raise CrateEdgeError(
+                f"the artifacts were not compiled from the embedded model (source sha256 {sha[:12]}...): pass "
+                "--model with their source model for the baselines, or --baselines none"
+            )
         raise CrateEdgeError(f"model {label} (sha256 {got[:12]}...) is not the artifacts' source (sha256 {sha[:12]}...)")
     return path, label
 
 
-def bench(artifacts, batch=(1,), threads: int | None = None, warmup: int = 3, iters: int | None = None,
-          seconds: float | None = None, rounds: int = 5, model=None, baselines=BASELINES, rpc: str | None = None,
-          rpc_key: str | None = None, label: str | None = None, device: str = "cpu", progress: bool = True,
-          rpc_timeout: float = 120.0) -> BenchReport:
+def bench(
+    artifacts,
+    batch=(1,),
+    threads: int | None = None,
+    warmup: int = 3,
+    iters: int | None = None,
+    seconds: float | None = None,
+    rounds: int = 5,
+    model=None,
+    baselines=BASELINES,
+    rpc: str | None = None,
+    rpc_key: str | None = None,
+    label: str | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    rpc_timeout: float = 120.0,
+) -> BenchReport:
     """Time `artifacts` (directories) and the baselines on the same inputs and thread count.
 
     batch: batch sizes (int, "1,8,32" or a sequence). threads: for every contender (default:
@@ -774,18 +860,30 @@ def bench(artifacts, batch=(1,), threads: int | None = None, warmup: int = 3, it
         mpath, mlabel = _resolve_model(model, sha, tmp)
         src_label = label or f"{mlabel} ({src_label})"
         for b in ("upstream", *[x for x in baselines if x != "upstream"]):
-            specs.append((BASELINE_LABELS[b], {"kind": b, "model": mpath, "device": device},
-                          {"kind": "baseline", "baseline": b, "rewrites": [] if b == "upstream" else FOLDED_REWRITES}))
+            specs.append(
+                (
+                    BASELINE_LABELS[b],
+                    {"kind": b, "model": mpath, "device": device},
+                    {"kind": "baseline", "baseline": b, "rewrites": [] if b == "upstream" else FOLDED_REWRITES},
+                )
+            )
     names = []
     for a, m in zip(artifacts, manifests):
         base = m["target"]["name"]
         name = base if base not in names else f"{base} ({a})"
         names.append(name)
         remote = bool(rpc) and m["backend"]["name"] == "tvm"
-        info = {"kind": "artifact", "artifact": str(a), "target": base, "backend": m["backend"]["name"],
-                "precision": m.get("precision", {}),
-                "target_precision": m["target"]["definition"].get("precision", "fp32"), "rewrites": m.get("rewrites", []), "size_bytes": artifact_size(a, m),
-                "quantization": (m.get("quantization") or {}).get("scheme") if isinstance(m.get("quantization"), dict) else None}
+        info = {
+            "kind": "artifact",
+            "artifact": str(a),
+            "target": base,
+            "backend": m["backend"]["name"],
+            "precision": m.get("precision", {}),
+            "target_precision": m["target"]["definition"].get("precision", "fp32"),
+            "rewrites": m.get("rewrites", []),
+            "size_bytes": artifact_size(a, m),
+            "quantization": (m.get("quantization") or {}).get("scheme") if isinstance(m.get("quantization"), dict) else None,
+        }
         spec = {"kind": "rpc" if remote else "artifact", "path": str(a.resolve()), "rpc": rpc, "rpc_key": rpc_key}
         specs.append((name + (" [rpc]" if remote else ""), spec, info))
 
@@ -813,9 +911,18 @@ def bench(artifacts, batch=(1,), threads: int | None = None, warmup: int = 3, it
                 say(f"skip {name}: {r['error']}")
                 continue
             procs[name] = p
-            c = {"name": name, **info, "executor": r.get("executor"), "import_s": r["import_s"], "load_s": r["load_s"],
-                 "rss_before_load_mb": r.get("rss_before_load_mb"), "rss_after_load_mb": r.get("rss_after_load_mb"),
-                 "torch_imported": r.get("torch_imported"), "remote": spec.get("kind") == "rpc", "results": {}}
+            c = {
+                "name": name,
+                **info,
+                "executor": r.get("executor"),
+                "import_s": r["import_s"],
+                "load_s": r["load_s"],
+                "rss_before_load_mb": r.get("rss_before_load_mb"),
+                "rss_after_load_mb": r.get("rss_after_load_mb"),
+                "torch_imported": r.get("torch_imported"),
+                "remote": spec.get("kind") == "rpc",
+                "results": {},
+            }
             contenders.append(c)
         if not contenders:
             raise CrateEdgeError("nothing could run here: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
@@ -853,7 +960,7 @@ def bench(artifacts, batch=(1,), threads: int | None = None, warmup: int = 3, it
             times: dict[str, list[float]] = {n: [] for n in live}
             busy = {n: [0.0, 0.0] for n in live}  # CPU s other workers used while n was timed, wall s of n's blocks
             for i in range(rounds):
-                order = live[i % len(live):] + live[: i % len(live)] if live else []
+                order = live[i % len(live) :] + live[: i % len(live)] if live else []
                 for n in order:
                     if n not in live or per[n][i] == 0:
                         continue
@@ -913,19 +1020,32 @@ def bench(artifacts, batch=(1,), threads: int | None = None, warmup: int = 3, it
         except OSError:
             pass
     data = {
-        "crate_edge": _version(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "crate_edge": _version(),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": host_info(),
-        "settings": {"batch": list(batches), "threads": threads, "warmup": warmup, "iters": iters, "seconds": seconds, "rounds": rounds,
-                     "input": f"standard normal float32 (seed 0), shape (batch, {', '.join(map(str, shape))})",
-                     "rpc": rpc, "rpc_key": rpc_key, "baseline_device": device,
-                     "gpu_timing": "GPU contenders (torch on cuda, AOTInductor CUDA, TensorRT): input resident on the GPU, "
-                                   "wall time of one call plus a synchronize (launches and kernels, no host<->device "
-                                   "copies; first_ms includes them)"},
+        "settings": {
+            "batch": list(batches),
+            "threads": threads,
+            "warmup": warmup,
+            "iters": iters,
+            "seconds": seconds,
+            "rounds": rounds,
+            "input": f"standard normal float32 (seed 0), shape (batch, {', '.join(map(str, shape))})",
+            "rpc": rpc,
+            "rpc_key": rpc_key,
+            "baseline_device": device,
+            "gpu_timing": "GPU contenders (torch on cuda, AOTInductor CUDA, TensorRT): input resident on the GPU, "
+            "wall time of one call plus a synchronize (launches and kernels, no host<->device "
+            "copies; first_ms includes them)",
+        },
         "source_model": {"sha256": sha, "config": cfg, "label": src_label},
-        "contenders": contenders, "skipped": skipped,
-        "memory_note": ("peak resident set size (VmHWM) of the contender's own worker process: Python, the libraries it "
-                        "imports, its model and every timed call; torch-free runtimes do not import torch. "
-                        "Remote (RPC) contenders: not measured."),
+        "contenders": contenders,
+        "skipped": skipped,
+        "memory_note": (
+            "peak resident set size (VmHWM) of the contender's own worker process: Python, the libraries it "
+            "imports, its model and every timed call; torch-free runtimes do not import torch. "
+            "Remote (RPC) contenders: not measured."
+        ),
     }
     return BenchReport(data)
 

@@ -4,11 +4,12 @@ crate-edge format: a directory with `model.safetensors` (upstream key names) and
 `config.json` ({"format": "crate-edge", "version": 1, "config": {...}, ...}). The config is
 also stored in the safetensors metadata, so the .safetensors file alone is self-contained.
 
-Upstream files (design.md section 1) are read with torch.load(weights_only=True) only: the
+Upstream files are read with torch.load(weights_only=True) only: the
 training script's {'epoch','arch','state_dict',...}, the fine-tuning script's {'model': ...},
 {'model': state_dict} and a bare state_dict, with or without the `module.` prefix. Shapes give
 every field except `heads` (and `pool`), which come from the caller or a published config.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -25,6 +26,7 @@ import torch
 from .errors import CrateEdgeError
 from .model import CRATE, VARIANTS, CrateConfig
 from .outputs import atomic_dir
+from .zoo import embedded_model_dir
 
 FORMAT = "crate-edge"
 FORMAT_VERSION = 1
@@ -39,6 +41,7 @@ _PUBLISHED = {
 
 
 # ---------------------------------------------------------------- crate-edge format
+
 
 def save_model(model: CRATE, out_dir: str | os.PathLike, metadata: dict[str, Any] | None = None) -> Path:
     """Write `model` in the crate-edge format, atomically; `out_dir` must be missing, empty or a
@@ -109,14 +112,17 @@ def _load_crate_edge(path: Path) -> tuple[dict[str, torch.Tensor], CrateConfig, 
 
 # ---------------------------------------------------------------- upstream checkpoints
 
+
 def read_upstream(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
     """torch.load(weights_only=True), unwrap the known containers, strip `module.`."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CrateEdgeError(f"{path}: refusing to load: the file holds objects other than tensors and plain data "
-                             f"(weights_only unpickling rejected it: {first[:200]})") from None
+        raise CrateEdgeError(
+            f"{path}: refusing to load: the file holds objects other than tensors and plain data "
+            f"(weights_only unpickling rejected it: {first[:200]})"
+        ) from None
     except Exception as e:  # torch.load fails on arbitrary bytes with many types (KeyError, RuntimeError, ...)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CrateEdgeError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {msg[:200]}") from None
@@ -132,7 +138,7 @@ def read_upstream(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
     for k, v in obj.items():
         for prefix in ("module.", "_orig_mod."):
             if k.startswith(prefix):
-                k = k[len(prefix):]
+                k = k[len(prefix) :]
         sd[k] = v
     return sd, arch
 
@@ -143,8 +149,9 @@ def _shape(sd, key, path):
     return tuple(sd[key].shape)
 
 
-def infer_config(sd: dict[str, torch.Tensor], path, heads: int | None = None, pool: str | None = None,
-                 arch: str | None = None, **overrides) -> CrateConfig:
+def infer_config(
+    sd: dict[str, torch.Tensor], path, heads: int | None = None, pool: str | None = None, arch: str | None = None, **overrides
+) -> CrateConfig:
     """Every shape-derived field from the weights; heads from the caller, the published
     configurations or the checkpoint's `arch`; pool from the caller (default cls)."""
     dim = _shape(sd, "cls_token", path)[-1]
@@ -185,13 +192,24 @@ def infer_config(sd: dict[str, torch.Tensor], path, heads: int | None = None, po
         else:
             raise CrateEdgeError(
                 f"{path}: cannot tell the number of heads from the weights (qkv is {inner}x{dim} = heads*dim_head x dim, "
-                f"not a published CRATE configuration); pass --heads H (Python: heads=H)")
+                f"not a published CRATE configuration); pass --heads H (Python: heads=H)"
+            )
     heads = int(heads)
     if heads < 1 or inner % heads:
         raise CrateEdgeError(f"{path}: heads={heads} does not divide the qkv width {inner}")
     try:
-        return CrateConfig(image_size=image, patch_size=patch, channels=channels, num_classes=num_classes, dim=dim,
-                           depth=depth, heads=heads, dim_head=inner // heads, pool=pool or "cls", **overrides)
+        return CrateConfig(
+            image_size=image,
+            patch_size=patch,
+            channels=channels,
+            num_classes=num_classes,
+            dim=dim,
+            depth=depth,
+            heads=heads,
+            dim_head=inner // heads,
+            pool=pool or "cls",
+            **overrides,
+        )
     except (TypeError, ValueError) as e:
         raise CrateEdgeError(f"{path}: {e}") from None
 
@@ -211,8 +229,9 @@ def build(sd: dict[str, torch.Tensor], cfg: CrateConfig, path) -> CRATE:
         raise CrateEdgeError(f"{path}: weights do not fit CRATE {cfg.dim}d x{cfg.depth}: " + "; ".join(parts))
     for k, v in want.items():
         if tuple(sd[k].shape) != tuple(v.shape):
-            raise CrateEdgeError(f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)} "
-                                 f"for heads={cfg.heads}, dim_head={cfg.dim_head}")
+            raise CrateEdgeError(
+                f"{path}: {k} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)} for heads={cfg.heads}, dim_head={cfg.dim_head}"
+            )
         if not sd[k].is_floating_point():
             raise CrateEdgeError(f"{path}: {k} has dtype {sd[k].dtype}, expected floating point")
     model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
@@ -224,8 +243,6 @@ def load_model(path: str | os.PathLike | None = None, heads: int | None = None, 
     upstream checkpoint (.pth/.pth.tar/.pt). `path=None` gives the embedded reference model.
     `heads`/`pool` are needed only for upstream files whose heads cannot be inferred."""
     if path is None:
-        from .zoo import embedded_model_dir
-
         path = embedded_model_dir()
     p = Path(path)
     if not p.exists():

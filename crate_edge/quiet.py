@@ -23,6 +23,7 @@ logging, warnings or streams). For the duration of a command it hides:
 
 Everything is restored on exit, so an in-process invocation (click's CliRunner in the tests)
 leaves the interpreter as it found it."""
+
 from __future__ import annotations
 
 import contextlib
@@ -117,8 +118,12 @@ class _NativeStderr:
         os.dup2(self.sink.fileno(), 2)
         if stderr_is_fd2:
             self.old_stderr = sys.stderr
-            sys.stderr = _Stderr(io.BufferedWriter(io.FileIO(os.dup(self.saved_fd), "w")), line_buffering=True,
-                                 encoding=self.old_stderr.encoding or "utf-8", errors=self.old_stderr.errors or "backslashreplace")
+            sys.stderr = _Stderr(
+                io.BufferedWriter(io.FileIO(os.dup(self.saved_fd), "w")),
+                line_buffering=True,
+                encoding=self.old_stderr.encoding or "utf-8",
+                errors=self.old_stderr.errors or "backslashreplace",
+            )
             self.fault_was_enabled = faulthandler.is_enabled()
             faulthandler.enable(file=sys.stderr)
         return self

@@ -2,10 +2,12 @@
 function (tests hold every pass to <= 1e-5 in fp32) in a form some backend runs faster.
 
   fold_ista         ISTA's three GEMMs become one: ReLU(y A - eta lambda),
-                    A = I + eta (D - D^T D), folded in float64 then cast (design.md section 3)
+                    A = I + eta (D - D^T D), folded in float64 then cast
   fold_ista_update  the same single GEMM on the update only: ReLU(y + y dA - eta lambda),
                     dA = eta (D - D^T D) in an nn.Linear `update`, so that a quantizer can
-                    quantize dA while the identity path y stays in float (issue 4's policy)
+                    quantize dA while the identity path y stays in float (crate_edge.quantize's policy)
+  ista_gemm         ISTA as one GEMM with A = I + eta (D - D^T D) computed from D at every call:
+                    differentiable in D, for training (fold_ista is the deployment form)
   sdpa_attention    MSSA's attention as scaled_dot_product_attention(w, w, w): one fused op
                     for backends with a fused attention kernel (Core ML iOS18, ONNX Attention,
                     TVM R.nn.attention, TensorRT)
@@ -21,8 +23,12 @@ function (tests hold every pass to <= 1e-5 in fp32) in a form some backend runs 
                     MSSA features 7.7e-5 -> 2.2e-6 from float64 in eager, 3.4e-3 -> 1.2e-4
                     under Inductor; logits 3.1e-5 -> 3.3e-6 under Inductor
 
-Passes never modify their input: `apply(model, names)` returns a rewritten deep copy.
+Passes never modify their input: `apply(model, names)` returns a rewritten deep copy; with
+share_parameters=True the copy keeps the input's parameter tensors (a faster view of the same
+model to train through, while the model itself stays the reference formulation). Each pass
+builds new modules over the old ones' parameters: no flags, no class swaps.
 """
+
 from __future__ import annotations
 
 import copy
@@ -46,26 +52,24 @@ def register(name: str):
     return deco
 
 
-def apply(model: CRATE, names: list[str]) -> CRATE:
-    """Deep-copy `model` (eval mode) and apply the named passes in order."""
+def apply(model: CRATE, names: list[str], share_parameters: bool = False) -> CRATE:
+    """A copy of `model` with the named passes applied in order: a deep copy in eval mode, or,
+    with share_parameters, a copy of the module tree over the same parameter tensors, in the
+    model's own mode (see the module docstring)."""
     unknown = [n for n in names if n not in PASSES]
     if unknown:
         raise CrateEdgeError(f"unknown rewrite(s) {', '.join(unknown)}; known: {', '.join(PASSES)}")
-    m = copy.deepcopy(model).eval()
-    m.set_fused(False)
+    if share_parameters:
+        m = copy.deepcopy(model, memo={id(p): p for p in model.parameters()})
+    else:
+        m = copy.deepcopy(model).eval()
     for n in names:
         m = PASSES[n](m)
     return m
 
 
-def _swap(module: nn.Module, cls: type) -> nn.Module:
-    """The same module (same parameters and children) with the forward of `cls`."""
-    new = copy.copy(module)
-    new.__class__ = cls
-    return new
-
-
 # ------------------------------------------------------------------ ISTA
+
 
 class FoldedISTA(nn.Module):
     """ReLU(y A - eta lambda) as one linear with bias: weight = A^T (so F.linear(y, A^T) = y A)."""
@@ -110,6 +114,29 @@ class FoldedISTAUpdate(nn.Module):
         return F.relu(y + self.update(y))
 
 
+class ISTAGemm(nn.Module):
+    """ReLU(y A - eta lambda) with A = I + eta (D - D^T D) formed from D at every call: one
+    GEMM over the tokens instead of three, and still differentiable in D."""
+
+    def __init__(self, ista: ISTA):
+        super().__init__()
+        self.weight = ista.weight  # D, the same parameter
+        self.eta, self.lambd = ista.eta, ista.lambd
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        D = self.weight
+        A = torch.eye(D.shape[0], dtype=D.dtype, device=D.device) + self.eta * (D - D.t() @ D)
+        return F.relu(y @ A - self.eta * self.lambd)
+
+
+@register("ista_gemm")
+def ista_gemm(model: CRATE) -> CRATE:
+    for _, ista in model.transformer.layers:
+        if isinstance(ista.fn, ISTA):
+            ista.fn = ISTAGemm(ista.fn)
+    return model
+
+
 @register("fold_ista_update")
 def fold_ista_update(model: CRATE) -> CRATE:
     for _, ista in model.transformer.layers:
@@ -120,13 +147,31 @@ def fold_ista_update(model: CRATE) -> CRATE:
 
 # ------------------------------------------------------------------ MSSA
 
-class SDPAMSSA(MSSA):
+
+class _MSSAForm(nn.Module):
+    """MSSA over an existing MSSA's projections (the same qkv, to_out and dropout modules); a
+    subclass gives the attention its own form."""
+
+    def __init__(self, mssa: MSSA):
+        super().__init__()
+        self.qkv, self.to_out, self.attn_dropout = mssa.qkv, mssa.to_out, mssa.attn_dropout
+        self.heads, self.dim_head, self.scale = mssa.heads, mssa.dim_head, mssa.scale
+
+    subspace_features = MSSA.subspace_features
+    forward = MSSA.forward
+
     def attend(self, w: torch.Tensor) -> torch.Tensor:
-        o = F.scaled_dot_product_attention(w, w, w)  # default scale dim_head^-0.5 = upstream's
+        raise NotImplementedError
+
+
+class SDPAMSSA(_MSSAForm):
+    def attend(self, w: torch.Tensor) -> torch.Tensor:
+        # q = k = v: exactly SDPA(w, w, w) with its default scale dim_head^-0.5 = upstream's
+        o = F.scaled_dot_product_attention(w, w, w, dropout_p=self.attn_dropout.p if self.training else 0.0)
         return self.to_out(o.transpose(1, 2).flatten(2))
 
 
-class BmmMSSA(MSSA):
+class BmmMSSA(_MSSAForm):
     def attend(self, w: torch.Tensor) -> torch.Tensor:
         b, h, n, p = w.shape
         w3 = w.reshape(b * h, n, p)
@@ -135,23 +180,24 @@ class BmmMSSA(MSSA):
         return self.to_out(o.transpose(1, 2).reshape(b, n, h * p))
 
 
-def _swap_mssa(model: CRATE, cls: type) -> CRATE:
+def _replace_mssa(model: CRATE, cls: type) -> CRATE:
     for mssa, _ in model.transformer.layers:
-        mssa.fn = _swap(mssa.fn, cls)
+        mssa.fn = cls(mssa.fn)
     return model
 
 
 @register("sdpa_attention")
 def sdpa_attention(model: CRATE) -> CRATE:
-    return _swap_mssa(model, SDPAMSSA)
+    return _replace_mssa(model, SDPAMSSA)
 
 
 @register("bmm_attention")
 def bmm_attention(model: CRATE) -> CRATE:
-    return _swap_mssa(model, BmmMSSA)
+    return _replace_mssa(model, BmmMSSA)
 
 
 # ------------------------------------------------------------------ LayerNorm
+
 
 class LinearLayerNorm(nn.Module):
     """LayerNorm over the last dim computed with F.linear averaging (eps as nn.LayerNorm's)."""
@@ -186,6 +232,7 @@ def linear_layernorm(model: CRATE) -> CRATE:
 
 # ------------------------------------------------------------------ patch LayerNorm
 
+
 class ShiftedLayerNorm(nn.Module):
     """LN(x - x[..., :1]) = LN(x), better conditioned when x is nearly constant along the last dim.
     With `pick` set (linear_layernorm does), x[..., :1] is taken as F.linear(x, e_0), which is
@@ -211,6 +258,7 @@ def shift_patch_norm(model: CRATE) -> CRATE:
 
 # ------------------------------------------------------------------ probe outputs
 
+
 class Probe(nn.Module):
     """Wraps a (rewritten) CRATE so that it also returns, per layer l, the MSSA features
     U^T LN1(Z^l) (b, heads, N, p) and the ISTA output Z^{l+1} (b, N, d), for per-layer parity.
@@ -221,9 +269,8 @@ class Probe(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor):
-        feats: list = []
-        z = self.model.forward_features(x, probe=feats)
-        logits = self.model.mlp_head(self.model.pool(z))
+        z, feats = self.model.forward_intermediates(x)
+        logits = self.model.forward_head(z)
         return (logits, *[w for w, _ in feats], *[zz for _, zz in feats])
 
 

@@ -1,10 +1,13 @@
 """Runtime-only loaders that import no torch, shared by the backends and by `crate-edge bench`'s
 worker processes (which run on devices where only the artifact's runtime is installed)."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+
+from .errors import CrateEdgeError
 
 
 def provider_gap(providers: list[str] | None) -> str | None:
@@ -25,8 +28,6 @@ def ort_session(path: Path, threads: int | None = None, providers: list[str] | N
     present, else CPU). A list without the CPU provider is strict: none of it available is an
     error, and no node may fall back to the CPU (a "CUDA" number must be a CUDA number)."""
     import onnxruntime as ort
-
-    from .errors import CrateEdgeError
 
     so = ort.SessionOptions()
     if threads:

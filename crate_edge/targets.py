@@ -1,6 +1,7 @@
 """Declarative target definitions: one TOML file per target variant, in the checkout's top-level
 targets/ (installed from a wheel as crate_edge/builtin_targets/; targets_dir() finds either).
 `--target NAME` resolves to NAME.toml there; a path to a user's own .toml works too."""
+
 from __future__ import annotations
 
 import hashlib
@@ -74,8 +75,10 @@ def targets_dir() -> Path:
         return installed
     if checkout.is_dir() and (here.parent / "pyproject.toml").is_file():
         return checkout
-    raise CrateEdgeError(f"the built-in target definitions are missing: neither {installed} (an installed wheel) "
-                         f"nor {checkout} (a source checkout) exists; reinstall crate-edge")
+    raise CrateEdgeError(
+        f"the built-in target definitions are missing: neither {installed} (an installed wheel) "
+        f"nor {checkout} (a source checkout) exists; reinstall crate-edge"
+    )
 
 
 def list_targets() -> list[str]:
@@ -118,8 +121,19 @@ def load_target(name_or_path: str | Path) -> Target:
     bad = [r for r in doc.get("rewrites", []) if r not in PASSES]
     if bad:
         raise CrateEdgeError(f"target file {p}: unknown rewrite(s) {', '.join(bad)}; known: {', '.join(PASSES)}")
-    return Target(name=doc.get("name", p.stem), backend=doc["backend"], precision=prec, description=doc.get("description", ""),
-                  rewrites=list(doc.get("rewrites", [])), options=dict(doc.get("options", {})),
-                  example_batch=int(inp.get("example_batch", 2)), dynamic_batch=dyn, parity=dict(doc.get("parity", {})),
-                  bench=dict(doc.get("bench", {})), quantize=dict(doc.get("quantize", {})), path=str(p),
-                  sha256=hashlib.sha256(raw_bytes).hexdigest(), raw=doc)
+    return Target(
+        name=doc.get("name", p.stem),
+        backend=doc["backend"],
+        precision=prec,
+        description=doc.get("description", ""),
+        rewrites=list(doc.get("rewrites", [])),
+        options=dict(doc.get("options", {})),
+        example_batch=int(inp.get("example_batch", 2)),
+        dynamic_batch=dyn,
+        parity=dict(doc.get("parity", {})),
+        bench=dict(doc.get("bench", {})),
+        quantize=dict(doc.get("quantize", {})),
+        path=str(p),
+        sha256=hashlib.sha256(raw_bytes).hexdigest(),
+        raw=doc,
+    )

@@ -8,6 +8,7 @@ Output directory: the model in the crate-edge format (model.safetensors + config
 train_log.json (one record per epoch), and resume/ (weights + optimizer state as
 safetensors, progress as JSON) written after every `checkpoint_every` epochs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,7 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import save_model
+from . import rewrites
+from .checkpoint import model_hash, save_model
 from .data import load_dataset, open_inputs, prepare
 from .errors import CrateEdgeError
 from .model import CRATE, VARIANTS, CrateConfig
@@ -34,6 +36,8 @@ try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
+
+TRAIN_FUSION = ["sdpa_attention", "ista_gemm"]  # crate_edge.rewrites passes training runs through
 
 
 @dataclass
@@ -80,7 +84,7 @@ class Recipe:
     seed: int = 0
     amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | off
     compile: bool = False  # torch.compile the training step (optional: it fails on some stacks)
-    fused: bool = True  # train with SDPA + one-GEMM ISTA (same function, faster)
+    fused: bool = True  # train through the TRAIN_FUSION rewrites (same function, faster)
     checkpoint_every: int = 1
     eval_every: int = 1
     threads: int | None = None
@@ -163,6 +167,7 @@ def lr_at(r: Recipe, step: int, total: int, steps_per_epoch: int) -> float:
 
 # ------------------------------------------------------------------ resume state (no pickle)
 
+
 def _save_resume(out: Path, model: CRATE, opt: torch.optim.Optimizer, state: dict):
     from safetensors.torch import save_file
 
@@ -201,6 +206,7 @@ def _load_resume(out: Path, model: CRATE, opt: torch.optim.Optimizer) -> dict | 
 
 # ------------------------------------------------------------------ the loop
 
+
 def _dist():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not torch.distributed.is_initialized():
@@ -231,8 +237,14 @@ def evaluate(model, inputs, batch_size: int = 256, device="cpu", progress: bool 
     return {"top1": correct / max(1, n), "loss": loss / max(1, n), "n": n}
 
 
-def train(recipe: Recipe | str | os.PathLike, out_dir: str | os.PathLike, resume: bool = True,
-          epochs: int | None = None, until: int | None = None, progress: bool = True) -> dict[str, Any]:
+def train(
+    recipe: Recipe | str | os.PathLike,
+    out_dir: str | os.PathLike,
+    resume: bool = True,
+    epochs: int | None = None,
+    until: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train per the recipe; returns the final log record. Python equivalent of `crate-edge train`.
     `epochs` overrides the recipe (and so its schedule); `until` stops after that epoch on the
     recipe's own schedule, to be continued later from OUT/resume."""
@@ -253,7 +265,9 @@ def train(recipe: Recipe | str | os.PathLike, out_dir: str | os.PathLike, resume
 
     torch.manual_seed(r.seed)
     model = CRATE(cfg).to(device)
-    model.set_fused(r.fused)
+    # train through a faster form of the same function over the same parameters; `model` stays the
+    # reference formulation that is evaluated and shipped
+    fwd = rewrites.apply(model, TRAIN_FUSION, share_parameters=True) if r.fused else model
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embedding" not in n and "cls_token" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embedding" not in n and "cls_token" not in n)]
     groups = [{"params": decay, "weight_decay": r.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -287,12 +301,14 @@ def train(recipe: Recipe | str | os.PathLike, out_dir: str | os.PathLike, resume
             torch.distributed.broadcast(t, 0)
             start_epoch = int(t.item())
 
-        ddp = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+        ddp = torch.nn.parallel.DistributedDataParallel(fwd) if world > 1 else fwd
         step_fn = torch.compile(ddp) if r.compile else ddp
         local_bs = r.batch_size // world
         if local_bs * world != r.batch_size:
             raise CrateEdgeError(f"batch_size {r.batch_size} is not divisible by {world} ranks")
-        sampler = torch.utils.data.DistributedSampler(train_ds, world, rank, shuffle=True, seed=r.seed, drop_last=True) if world > 1 else None
+        sampler = (
+            torch.utils.data.DistributedSampler(train_ds, world, rank, shuffle=True, seed=r.seed, drop_last=True) if world > 1 else None
+        )
         steps_per_epoch = len(train_ds) // r.batch_size
         if steps_per_epoch == 0:
             raise CrateEdgeError(f"training set ({len(train_ds)} images) is smaller than one batch ({r.batch_size})")
@@ -300,15 +316,21 @@ def train(recipe: Recipe | str | os.PathLike, out_dir: str | os.PathLike, resume
         record: dict[str, Any] = {}
 
         for epoch in range(start_epoch, min(r.epochs, until or r.epochs)):
-            model.train()
+            fwd.train()
             gen = torch.Generator().manual_seed(r.seed * 7919 + 1000 * rank + epoch)  # resumable augmentation
             if sampler is not None:
                 sampler.set_epoch(epoch)
                 order = list(iter(sampler))
             else:
                 order = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(r.seed * 100003 + epoch)).tolist()
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{r.epochs}", unit="step", file=sys.stderr,
-                       disable=not progress or rank != 0, mininterval=1.0 if sys.stderr.isatty() else 30.0)
+            bar = tqdm(
+                range(steps_per_epoch),
+                desc=f"epoch {epoch + 1}/{r.epochs}",
+                unit="step",
+                file=sys.stderr,
+                disable=not progress or rank != 0,
+                mininterval=1.0 if sys.stderr.isatty() else 30.0,
+            )
             t0, seen, run_loss, run_correct = time.time(), 0, 0.0, 0
             for i in bar:
                 idx = order[i * local_bs : (i + 1) * local_bs]
@@ -331,16 +353,25 @@ def train(recipe: Recipe | str | os.PathLike, out_dir: str | os.PathLike, resume
                 seen += len(y) * world
                 run_loss += loss.item()
                 run_correct += (logits.argmax(-1) == y).sum().item()
-                bar.set_postfix(loss=f"{run_loss / (i + 1):.4f}", acc=f"{run_correct / ((i + 1) * len(y)):.3f}",
-                                img_s=f"{seen / (time.time() - t0):.0f}", lr=f"{lr:.2e}")
+                bar.set_postfix(
+                    loss=f"{run_loss / (i + 1):.4f}",
+                    acc=f"{run_correct / ((i + 1) * len(y)):.3f}",
+                    img_s=f"{seen / (time.time() - t0):.0f}",
+                    lr=f"{lr:.2e}",
+                )
             dt = time.time() - t0
-            record = {"epoch": epoch + 1, "train_loss": run_loss / steps_per_epoch,
-                      "train_acc": run_correct / (steps_per_epoch * local_bs), "images_per_s": seen / dt, "seconds": dt,
-                      "lr": lr, "device": str(device), "world_size": world}
+            record = {
+                "epoch": epoch + 1,
+                "train_loss": run_loss / steps_per_epoch,
+                "train_acc": run_correct / (steps_per_epoch * local_bs),
+                "images_per_s": seen / dt,
+                "seconds": dt,
+                "lr": lr,
+                "device": str(device),
+                "world_size": world,
+            }
             if rank == 0 and val_ds is not None and ((epoch + 1) % r.eval_every == 0 or epoch + 1 == r.epochs):
-                model.set_fused(False)  # evaluate the reference formulation that will be shipped
                 ev = evaluate(model, val_ds, device=device)
-                model.set_fused(r.fused)
                 record.update(val_top1=ev["top1"], val_loss=ev["loss"])
             if rank == 0:
                 log.append(record)
@@ -348,14 +379,12 @@ def train(recipe: Recipe | str | os.PathLike, out_dir: str | os.PathLike, resume
                 if (epoch + 1) % r.checkpoint_every == 0 or epoch + 1 in (r.epochs, until):
                     _save_resume(out, model, opt, {"epoch": epoch + 1, "log": log, "recipe": dataclasses.asdict(r)})
                     atomic_write(out / "train_log.json", json.dumps({"recipe": dataclasses.asdict(r), "log": log}, indent=1))
-        from .checkpoint import model_hash
-
-        model.set_fused(False)
         final = {**(log[-1] if log else record), "weights_sha256": model_hash(model)}  # every rank: DDP keeps them equal
         finished = bool(log) and log[-1]["epoch"] == r.epochs
         if rank == 0 and finished:  # a run stopped by `until` leaves only resume/, not a model
-            save_model(model.cpu(), out / "model", metadata={"recipe": r.name, "epochs": r.epochs,
-                                                            "final": record or (log[-1] if log else {})})
+            save_model(
+                model.cpu(), out / "model", metadata={"recipe": r.name, "epochs": r.epochs, "final": record or (log[-1] if log else {})}
+            )
         if rank == 0:
             atomic_write(out / "train_log.json", json.dumps({"recipe": dataclasses.asdict(r), "log": log}, indent=1))
         if world > 1:

@@ -1,4 +1,4 @@
-"""The white-box measurements of CRATE (design.md section 2), as upstream's vis_utils compute them.
+"""The white-box measurements of CRATE (coding rate and sparsity per layer), as upstream's vis_utils compute them.
 
 Per layer l, on a batch of images:
   coding rate   R^c(Z^l) = 1/2 sum_k logdet(I_N + p/(N eps) W_k W_k^T),  eps = 0.01,
@@ -7,6 +7,7 @@ Per layer l, on a batch of images:
 Both are computed per image, then reported as mean and std over the images (coding rate with
 the n-1 std, sparsity with the n std, as upstream's code does).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -65,8 +66,10 @@ class WhiteBox:
     def table(self) -> str:
         rows = [f"{'layer':>5}  {'coding rate R^c':>22}  {'zero fraction of Z^(l+1)':>26}"]
         for i in range(len(self.coding_rate_mean)):
-            rows.append(f"{i:>5}  {self.coding_rate_mean[i]:>12.3f} ± {self.coding_rate_std[i]:<7.3f}  "
-                        f"{self.zero_fraction_mean[i]:>16.4f} ± {self.zero_fraction_std[i]:<7.4f}")
+            rows.append(
+                f"{i:>5}  {self.coding_rate_mean[i]:>12.3f} ± {self.coding_rate_std[i]:<7.3f}  "
+                f"{self.zero_fraction_mean[i]:>16.4f} ± {self.zero_fraction_std[i]:<7.4f}"
+            )
         return "\n".join(rows)
 
     def plot(self, path, title: str = "CRATE white-box measurements", reference: "WhiteBox | None" = None):
@@ -97,9 +100,8 @@ class WhiteBox:
 
 def probe(model, images: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Logits and per-layer (U^T LN1(Z^l), Z^{l+1}) of the eager model."""
-    feats: list = []
-    z = model.forward_features(images, probe=feats)
-    return model.mlp_head(model.pool(z)), feats
+    z, feats = model.forward_intermediates(images)
+    return model.forward_head(z), feats
 
 
 @torch.no_grad()
@@ -135,9 +137,17 @@ def trace(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
         z_half = z + out
         y = ista.norm(z_half)
         z = ista.fn(y)
-        t.update({f"layer{i}/qkv": w, f"layer{i}/attn": a, f"layer{i}/mssa_out": out, f"layer{i}/z_half": z_half,
-                  f"layer{i}/ln2": y, f"layer{i}/z_out": z})
+        t.update(
+            {
+                f"layer{i}/qkv": w,
+                f"layer{i}/attn": a,
+                f"layer{i}/mssa_out": out,
+                f"layer{i}/z_half": z_half,
+                f"layer{i}/ln2": y,
+                f"layer{i}/z_out": z,
+            }
+        )
     t["final_tokens"] = z
-    t["pooled"] = model.pool(z)
-    t["logits"] = model.mlp_head(t["pooled"])
+    t["pooled"] = model.forward_head(z, pre_logits=True)
+    t["logits"] = model.forward_head(z)
     return t

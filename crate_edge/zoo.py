@@ -1,4 +1,5 @@
 """Models that ship inside the package."""
+
 from __future__ import annotations
 
 from importlib import resources

@@ -35,3 +35,24 @@ def ref_ckpt():
     if not p.exists():
         pytest.skip(f"shared reference checkpoint not found at {p}")
     return p
+
+
+# Files whose module fixtures compile several artifacts, or that run many real compiles, go to
+# the workers first: with whole files per worker (--dist loadfile), a long file picked up last
+# leaves the other worker idle at the end.
+_HEAVY_FIRST = [
+    "test_outputs_kill.py",
+    "test_quant_executorch.py",
+    "test_bench.py",
+    "test_compiler.py",
+    "test_quant_coreml.py",
+    "test_backend_executorch.py",
+    "test_backend_tvm.py",
+    "test_embedded.py",
+    "test_quant_onnx.py",
+]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(_HEAVY_FIRST)}
+    items.sort(key=lambda it: rank.get(Path(str(it.fspath)).name, len(rank)))  # stable: order within a file kept

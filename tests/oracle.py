@@ -1,6 +1,7 @@
-"""An independent float64 implementation of upstream CRATE, written from the equations in
-design.md section 1 (explicit per-head loop, no crate_edge code), used as a test oracle for
+"""An independent float64 implementation of upstream CRATE, written from the equations of
+upstream's model/crate.py (explicit per-head loop, no crate_edge code), used as a test oracle for
 checkpoints of shapes the shared reference does not cover."""
+
 import math
 
 import torch
@@ -22,7 +23,7 @@ def upstream_logits(sd, img, heads, pool="cls", eta=0.1, lambd=0.1):
     tokens = []
     for i in range(H // p):
         for j in range(W // p):
-            patch = x[:, :, i * p:(i + 1) * p, j * p:(j + 1) * p]  # b c p1 p2
+            patch = x[:, :, i * p : (i + 1) * p, j * p : (j + 1) * p]  # b c p1 p2
             tokens.append(patch.permute(0, 2, 3, 1).reshape(b, -1))
     t = torch.stack(tokens, 1)
     t = ln(t, sd["to_patch_embedding.1.weight"], sd["to_patch_embedding.1.bias"])
@@ -37,7 +38,7 @@ def upstream_logits(sd, img, heads, pool="cls", eta=0.1, lambd=0.1):
         dh = U.shape[1] // heads
         outs = []
         for k in range(heads):
-            w = y @ U[:, k * dh:(k + 1) * dh]
+            w = y @ U[:, k * dh : (k + 1) * dh]
             a = torch.softmax(w @ w.transpose(1, 2) / math.sqrt(dh), -1)
             outs.append(a @ w)
         o = torch.cat(outs, -1)
@@ -57,19 +58,33 @@ def random_upstream_state_dict(image, patch, channels, dim, depth, heads, dim_he
     g = torch.Generator().manual_seed(seed)
     r = lambda *s, scale=1.0: torch.randn(*s, generator=g) * scale  # noqa: E731
     pd, n, inner = channels * patch * patch, (image // patch) ** 2, heads * dim_head
-    sd = {"cls_token": r(1, 1, dim), "pos_embedding": r(1, n + 1, dim),
-          "to_patch_embedding.1.weight": 1 + r(pd, scale=0.1), "to_patch_embedding.1.bias": r(pd, scale=0.1),
-          "to_patch_embedding.2.weight": r(dim, pd, scale=pd ** -0.5), "to_patch_embedding.2.bias": r(dim, scale=0.1),
-          "to_patch_embedding.3.weight": 1 + r(dim, scale=0.1), "to_patch_embedding.3.bias": r(dim, scale=0.1),
-          "mlp_head.0.weight": 1 + r(dim, scale=0.1), "mlp_head.0.bias": r(dim, scale=0.1),
-          "mlp_head.1.weight": r(classes, dim, scale=dim ** -0.5), "mlp_head.1.bias": r(classes, scale=0.1)}
+    sd = {
+        "cls_token": r(1, 1, dim),
+        "pos_embedding": r(1, n + 1, dim),
+        "to_patch_embedding.1.weight": 1 + r(pd, scale=0.1),
+        "to_patch_embedding.1.bias": r(pd, scale=0.1),
+        "to_patch_embedding.2.weight": r(dim, pd, scale=pd**-0.5),
+        "to_patch_embedding.2.bias": r(dim, scale=0.1),
+        "to_patch_embedding.3.weight": 1 + r(dim, scale=0.1),
+        "to_patch_embedding.3.bias": r(dim, scale=0.1),
+        "mlp_head.0.weight": 1 + r(dim, scale=0.1),
+        "mlp_head.0.bias": r(dim, scale=0.1),
+        "mlp_head.1.weight": r(classes, dim, scale=dim**-0.5),
+        "mlp_head.1.bias": r(classes, scale=0.1),
+    }
     for l in range(depth):
         pre = f"transformer.layers.{l}."
-        sd.update({pre + "0.norm.weight": 1 + r(dim, scale=0.1), pre + "0.norm.bias": r(dim, scale=0.1),
-                   pre + "0.fn.qkv.weight": r(inner, dim, scale=dim ** -0.5),
-                   pre + "1.norm.weight": 1 + r(dim, scale=0.1), pre + "1.norm.bias": r(dim, scale=0.1),
-                   pre + "1.fn.weight": r(dim, dim, scale=dim ** -0.5)})
+        sd.update(
+            {
+                pre + "0.norm.weight": 1 + r(dim, scale=0.1),
+                pre + "0.norm.bias": r(dim, scale=0.1),
+                pre + "0.fn.qkv.weight": r(inner, dim, scale=dim**-0.5),
+                pre + "1.norm.weight": 1 + r(dim, scale=0.1),
+                pre + "1.norm.bias": r(dim, scale=0.1),
+                pre + "1.fn.weight": r(dim, dim, scale=dim**-0.5),
+            }
+        )
         if not (heads == 1 and dim_head == dim):
-            sd[pre + "0.fn.to_out.0.weight"] = r(dim, inner, scale=inner ** -0.5)
+            sd[pre + "0.fn.to_out.0.weight"] = r(dim, inner, scale=inner**-0.5)
             sd[pre + "0.fn.to_out.0.bias"] = r(dim, scale=0.1)
     return sd

@@ -1,4 +1,5 @@
 """ExecuTorch backend: XNNPACK-delegated .pte with a dynamic batch, parity, delegation, probe."""
+
 import pytest
 import torch
 
@@ -9,7 +10,7 @@ from crate_edge.artifact import load_artifact  # noqa: E402
 from crate_edge.compiler import compile  # noqa: E402
 from crate_edge.rewrites import Probe  # noqa: E402
 
-# what design.md section 5's rewrites exist for: none of it may stay on portable kernels
+# what the bmm_attention and linear_layernorm rewrites exist for: none of it may stay on portable kernels
 NOT_OUTSIDE = ("layer_norm", "expand_copy", "bmm", "linear", ".mm.", "addmm")
 
 

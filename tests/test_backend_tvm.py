@@ -1,6 +1,7 @@
 """The TVM backend: the reference model through Relax to the Relax VM (parity with eager, dynamic
 batch), a CUDA build that refuses to run without a GPU, and MetaSchedule tuning whose database
 lands in the artifact and is reused."""
+
 import os
 import shutil
 
@@ -12,7 +13,8 @@ pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install 'cra
 
 from crate_edge import BackendUnavailable, CrateEdgeError, create_model, load_artifact, load_model  # noqa: E402
 from crate_edge.backends import get_backend  # noqa: E402
-from crate_edge.compiler import compile, export  # noqa: E402
+from crate_edge.compiler import compile  # noqa: E402
+from crate_edge.export import export  # noqa: E402
 from crate_edge.rewrites import apply  # noqa: E402
 from crate_edge.targets import load_target  # noqa: E402
 
@@ -120,8 +122,9 @@ def test_tuning_writes_a_database_and_reuses_it(tmp_path):
     torch.manual_seed(0)
     m = create_model("mnist-micro", depth=1).eval()
     p = tmp_path / "tuned.toml"
-    p.write_text('backend = "tvm"\nrewrites = ["fold_ista"]\n[options]\ntune_trials = 2\n'
-                 '[input]\nexample_batch = 1\ndynamic_batch = false\n')
+    p.write_text(
+        'backend = "tvm"\nrewrites = ["fold_ista"]\n[options]\ntune_trials = 2\n[input]\nexample_batch = 1\ndynamic_batch = false\n'
+    )
     a = compile(m, p, out=tmp_path / "a", parity_limit=50, **QUIET)
     db = tmp_path / "a" / "tuning_db"
     assert (db / "database_workload.json").stat().st_size > 0

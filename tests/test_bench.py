@@ -1,4 +1,5 @@
 """crate_edge.bench, `crate-edge bench`, TVM RPC over loopback and bench/table.py --quick."""
+
 from __future__ import annotations
 
 import json
@@ -23,22 +24,22 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "crate_edge"
 
 # blocks `import torch` in every process started with it on PYTHONPATH (workers inherit it)
-NO_TORCH = '''import sys
+NO_TORCH = """import sys
 class _NoTorch:
     def find_spec(self, name, path=None, target=None):
         if name == "torch" or name.startswith("torch."):
             raise ImportError("torch is blocked in this process", name=name)
         return None
 sys.meta_path.insert(0, _NoTorch())
-'''
+"""
 # runs bench() without crate_edge/__init__ (which imports torch), as a torch-free install would
-TORCH_FREE_BENCH = '''import importlib.machinery as m, importlib.util as u, json, sys
+TORCH_FREE_BENCH = """import importlib.machinery as m, importlib.util as u, json, sys
 s = m.ModuleSpec("crate_edge", None, is_package=True); s.submodule_search_locations = [sys.argv[1]]
 sys.modules["crate_edge"] = u.module_from_spec(s)
 from crate_edge.bench import bench
 r = bench(sys.argv[2:], batch="1,2", threads=1, warmup=1, iters=3, rounds=1, baselines=(), progress=False)
 print(json.dumps({"report": r.to_dict(), "torch_in_parent": "torch" in sys.modules}))
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -134,21 +135,43 @@ def test_other_source_model_needs_model(work):
 
 
 def test_cli_ok(ort_art, tmp_path):
-    res = CliRunner().invoke(main, ["bench", str(ort_art), "--batch", "1,2", "--iters", "3", "--warmup", "0", "--rounds", "1",
-                                    "--threads", "1", "--baselines", "upstream", "--out", str(tmp_path)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "bench",
+            str(ort_art),
+            "--batch",
+            "1,2",
+            "--iters",
+            "3",
+            "--warmup",
+            "0",
+            "--rounds",
+            "1",
+            "--threads",
+            "1",
+            "--baselines",
+            "upstream",
+            "--out",
+            str(tmp_path),
+        ],
+    )
     assert res.exit_code == 0, res.output
     assert "| onnxruntime | 2 |" in res.output and "| eager upstream | 1 |" in res.output
     assert {p.name for p in tmp_path.iterdir()} >= {"bench.json", "bench.md", "bench.png"}
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["/nonexistent/artifact"], "not a crate-edge artifact"),
-    (["ART", "--batch", "1,x"], "expected positive integers"),
-    (["ART", "--batch", "0"], "expected positive integers"),
-    (["ART", "--iters", "3", "--seconds", "1"], "not both"),
-    (["ART", "--baselines", "upstream,fast"], "unknown baseline"),
-    (["ART", "--rpc", "nohost"], "expected HOST:PORT"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["/nonexistent/artifact"], "not a crate-edge artifact"),
+        (["ART", "--batch", "1,x"], "expected positive integers"),
+        (["ART", "--batch", "0"], "expected positive integers"),
+        (["ART", "--iters", "3", "--seconds", "1"], "not both"),
+        (["ART", "--baselines", "upstream,fast"], "unknown baseline"),
+        (["ART", "--rpc", "nohost"], "expected HOST:PORT"),
+    ],
+)
 def test_cli_errors(ort_art, args, msg):
     args = [str(ort_art) if a == "ART" else a for a in args]
     res = CliRunner().invoke(main, ["bench", *args])
@@ -160,8 +183,9 @@ def test_cli_errors(ort_art, args, msg):
 def test_runtimes_without_torch(ort_art, tvm_art, no_torch_path):
     """The onnxruntime and TVM artifacts are loaded, run and timed with torch unimportable."""
     env = {**os.environ, "PYTHONPATH": str(no_torch_path)}
-    p = subprocess.run([sys.executable, "-c", TORCH_FREE_BENCH, str(PKG), str(ort_art), str(tvm_art)], env=env,
-                       capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-c", TORCH_FREE_BENCH, str(PKG), str(ort_art), str(tvm_art)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     d = out["report"]
@@ -183,9 +207,13 @@ def rpc_server(no_torch_path):
     pytest.importorskip("tvm")
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(no_torch_path)}
-    srv = subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port),
-                            "--port-end", str(port + 1), "--silent"], env=env, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, start_new_session=True)
+    srv = subprocess.Popen(
+        [sys.executable, "-m", "tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(port), "--port-end", str(port + 1), "--silent"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         t0 = time.time()
         while True:
@@ -251,9 +279,26 @@ def test_rpc_errors(ort_art):
 
 def test_table_quick(tmp_path):
     pytest.importorskip("onnxruntime")
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "table.py"), "--quick", "--targets", "onnxruntime", "--threads", "1",
-                        "--iters", "3", "--baselines", "upstream,folded", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=400)
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "table.py"),
+            "--quick",
+            "--targets",
+            "onnxruntime",
+            "--threads",
+            "1",
+            "--iters",
+            "3",
+            "--baselines",
+            "upstream,folded",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     d = json.loads((tmp_path / "table.json").read_text())
     emb = d["models"]["embedded"]
@@ -302,6 +347,7 @@ def test_quiesce_waits_for_a_busy_worker():
 
 # ------------------------------------------------------------------ GPU paths, as far as a CPU host can check them
 
+
 def _table_module():
     import importlib.util
 
@@ -338,14 +384,22 @@ def test_table_device_errors(tmp_path):
     import torch
 
     if not torch.cuda.is_available():
-        p = subprocess.run([sys.executable, str(ROOT / "bench" / "table.py"), "--device", "cuda", "--out", str(tmp_path)],
-                           capture_output=True, text=True, timeout=120)
+        p = subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "table.py"), "--device", "cuda", "--out", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("error: --device cuda: torch"), p.stderr[-500:]
         with pytest.raises(CrateEdgeError, match="no CUDA GPU"):
             bench([tmp_path], device="cuda")
     (tmp_path / "table.json").write_text(json.dumps({"settings": {"device": "cuda"}, "models": {}}))
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / "table.py"), "--quick", "--append", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "table.py"), "--quick", "--append", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and "was measured on cuda, this run is cpu" in p.stderr and "Traceback" not in p.stderr
 
 

@@ -1,4 +1,5 @@
 """Upstream checkpoints of many shapes and containers, crate-edge's format, and bad files."""
+
 import json
 import os
 import pickle
@@ -25,8 +26,14 @@ SHAPES = [  # image, patch, channels, dim, depth, heads, dim_head, classes, pool
 def _containers(sd, arch="crate_custom"):
     pre = {"module." + k: v for k, v in sd.items()}
     return {
-        "train_script": {"epoch": 3, "arch": arch, "state_dict": pre, "best_acc1": torch.tensor(12.5),
-                         "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]}, "scheduler": {"last_epoch": 3}},
+        "train_script": {
+            "epoch": 3,
+            "arch": arch,
+            "state_dict": pre,
+            "best_acc1": torch.tensor(12.5),
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+            "scheduler": {"last_epoch": 3},
+        },
         "finetune_script": {"model": pre, "optimizer": {"state": {}, "param_groups": []}, "scaler": {"scale": 65536.0}},
         "model_only": {"model": sd},
         "bare": sd,
@@ -100,6 +107,7 @@ def test_import_writes_crate_edge_format(tmp_path, ref_ckpt):
 
 # ------------------------------------------------------------------ bad input
 
+
 def _err(path, **kw):
     with pytest.raises(CrateEdgeError) as e:
         load_model(path, **kw)
@@ -172,10 +180,12 @@ def test_tampered_crate_edge_weights_are_detected(tmp_path, ref_ckpt):
 def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, ref_ckpt):
     f = tmp_path / "noise.pth"
     f.write_bytes(os.urandom(300))
-    cases = [["import", str(f), "--out", str(tmp_path / "o"), "--heads", "4"],
-             ["import", str(ref_ckpt), "--out", str(tmp_path / "o")],
-             ["inspect", str(tmp_path / "missing.pth")],
-             ["train", str(tmp_path / "missing.toml")]]
+    cases = [
+        ["import", str(f), "--out", str(tmp_path / "o"), "--heads", "4"],
+        ["import", str(ref_ckpt), "--out", str(tmp_path / "o")],
+        ["inspect", str(tmp_path / "missing.pth")],
+        ["train", str(tmp_path / "missing.toml")],
+    ]
     for args in cases:
         r = subprocess.run([sys.executable, "-m", "crate_edge.cli", *args], capture_output=True, text=True)
         assert r.returncode == 2, (args, r.stderr)

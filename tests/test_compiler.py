@@ -1,4 +1,5 @@
 """crate_edge.compile for the backends that run (or convert) here, artifacts and bad input."""
+
 import json
 import os
 import subprocess
@@ -91,9 +92,13 @@ def test_targets_resolve_and_bad_target_files(tmp_path):
     p.write_text('backend = "onnxruntime"\nrewrites = ["fold_ista"]\n[parity]\nmax_abs = 1e-3\n')
     t = load_target(p)
     assert t.name == "mine" and t.tolerances["max_abs"] == 1e-3
-    for text, msg in [('backend = "nope"\n', "unknown backend"), ('backend = "onnxruntime"\nrewrites = ["x"]\n', "unknown rewrite"),
-                      ('backend = "onnxruntime"\nfoo = 1\n', "unknown key"), ('backend = "onnxruntime"\nprecision = "int3"\n', "precision"),
-                      ("backend = \n", "invalid TOML")]:
+    for text, msg in [
+        ('backend = "nope"\n', "unknown backend"),
+        ('backend = "onnxruntime"\nrewrites = ["x"]\n', "unknown rewrite"),
+        ('backend = "onnxruntime"\nfoo = 1\n', "unknown key"),
+        ('backend = "onnxruntime"\nprecision = "int3"\n', "precision"),
+        ("backend = \n", "invalid TOML"),
+    ]:
         p.write_text(text)
         with pytest.raises(CrateEdgeError, match=msg):
             load_target(p)
@@ -194,8 +199,11 @@ def test_tensorrt_network_and_build_command(micro, tmp_path):
 def test_cli_compile_run_and_errors(ref_ckpt, tmp_path):
     pytest.importorskip("onnxruntime")
     cli = [sys.executable, "-m", "crate_edge.cli"]
-    r = subprocess.run(cli + ["compile", "--target", "onnxruntime", "--model", str(ref_ckpt), "--heads", "4", "--out", str(tmp_path / "a")],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        cli + ["compile", "--target", "onnxruntime", "--model", str(ref_ckpt), "--heads", "4", "--out", str(tmp_path / "a")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     r = subprocess.run(cli + ["run", str(tmp_path / "a"), "--n", "5"], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.count("predicted") == 5, r.stderr

@@ -1,4 +1,5 @@
 """The embedded reference model and the main job (`crate-edge demo`)."""
+
 import json
 import subprocess
 import sys

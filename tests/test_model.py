@@ -21,11 +21,14 @@ def test_small_image_variants_run():
             assert m(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(image_size=(32, 48), patch_size=(8, 4), channels=2, pool="mean", dim=24, heads=3, dim_head=5),
-    dict(image_size=16, patch_size=16, channels=1, dim=32, heads=1, dim_head=32),  # upstream's no-output-map case
-    dict(image_size=28, patch_size=7, channels=1, dim=20, heads=2, dim_head=24, num_classes=3),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(image_size=(32, 48), patch_size=(8, 4), channels=2, pool="mean", dim=24, heads=3, dim_head=5),
+        dict(image_size=16, patch_size=16, channels=1, dim=32, heads=1, dim_head=32),  # upstream's no-output-map case
+        dict(image_size=28, patch_size=7, channels=1, dim=20, heads=2, dim_head=24, num_classes=3),
+    ],
+)
 def test_any_shape_through_the_config(kw):
     cfg = CrateConfig(depth=2, **{"num_classes": 7, **kw})
     m = CRATE(cfg).eval()

@@ -2,6 +2,7 @@
 venv and run from outside the checkout, finds every built-in target (the checkout's top-level
 targets/, shipped as crate_edge/builtin_targets/) and the embedded model assets. And no tracked
 symlink in the repository dangles."""
+
 import hashlib
 import os
 import shutil
@@ -15,12 +16,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = sorted(p.stem for p in (ROOT / "targets").glob("*.toml"))
-ASSETS = ["crate_edge/assets/fmnist_holdout.npz", "crate_edge/assets/reference/config.json",
-          "crate_edge/assets/reference/model.safetensors"]
+ASSETS = [
+    "crate_edge/assets/fmnist_holdout.npz",
+    "crate_edge/assets/reference/config.json",
+    "crate_edge/assets/reference/model.safetensors",
+]
 # what a build must not see: the dev venv, caches, earlier builds (setuptools' build/lib keeps
 # files that were since removed), outputs
-_NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "node_modules", "build", "dist", "*.egg-info", "__pycache__",
-                                     ".pytest_cache", "runs", "out", "artifacts")
+_NOT_SOURCE = shutil.ignore_patterns(
+    ".git", ".venv", "node_modules", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", "runs", "out", "artifacts"
+)
 
 
 def _sha(data: bytes) -> str:
@@ -90,21 +95,30 @@ def test_wheel_contents(wheel):
             assert a in names, f"{a} missing from {wheel.name}"
             assert _sha(z.read(a)) == _sha((ROOT / a).read_bytes()), a
         modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "crate_edge").rglob("*.py") if "__pycache__" not in p.parts}
-        assert modules - names == set(), f"modules missing from the wheel (add their package to [tool.setuptools] packages): {sorted(modules - names)}"
+        assert modules - names == set(), (
+            f"modules missing from the wheel (add their package to [tool.setuptools] packages): {sorted(modules - names)}"
+        )
         assert not any(n.startswith("crate_edge/targets/") for n in names)
 
 
 def test_installed_package_is_the_wheel(fresh):
     """The fresh venv imports crate_edge from its own site-packages (not the checkout, not the dev
     venv's editable install) and loads built-in targets by name from there."""
-    code = ("import sys, crate_edge\n"
-            "from crate_edge.targets import targets_dir, load_target, list_targets\n"
-            "print(crate_edge.__file__); print(targets_dir()); print(load_target('onnxruntime').path)\n"
-            "print(','.join(list_targets()))\n"
-            "print(any('editable' in type(f).__name__.lower() or 'editable' in getattr(f, '__module__', '') for f in sys.meta_path))\n")
+    code = (
+        "import sys, crate_edge\n"
+        "from crate_edge.targets import targets_dir, load_target, list_targets\n"
+        "print(crate_edge.__file__); print(targets_dir()); print(load_target('onnxruntime').path)\n"
+        "print(','.join(list_targets()))\n"
+        "print(any('editable' in type(f).__name__.lower() or 'editable' in getattr(f, '__module__', '') for f in sys.meta_path))\n"
+    )
     out = _run([fresh["py"], "-c", code], cwd=fresh["cwd"], env=fresh["env"]).stdout.splitlines()
-    pkg_file, tdir, onnx_path, listed, editable_finder = (Path(out[0]).resolve(), Path(out[1]).resolve(), Path(out[2]).resolve(),
-                                                          out[3].split(","), out[4])
+    pkg_file, tdir, onnx_path, listed, editable_finder = (
+        Path(out[0]).resolve(),
+        Path(out[1]).resolve(),
+        Path(out[2]).resolve(),
+        out[3].split(","),
+        out[4],
+    )
     assert pkg_file.is_relative_to(fresh["venv"]), f"crate_edge imported from {pkg_file}, not from the fresh venv {fresh['venv']}"
     assert tdir.is_relative_to(fresh["venv"]) and tdir.name == "builtin_targets", tdir
     assert onnx_path == tdir / "onnxruntime.toml", onnx_path

@@ -1,6 +1,7 @@
 """The accuracy-parity suite (crate_edge.parity, crate_edge.testing, `crate-edge parity`):
 a faithful probe artifact passes tight per-layer tolerances, a planted broken layer is found
 and named, non-probe artifacts get logit metrics only, and bad input is refused in one line."""
+
 import json
 import shutil
 
@@ -73,8 +74,14 @@ def test_probe_artifact_passes_tight_tolerances(arts, ref):
 def test_planted_broken_layer_is_found_and_named(arts, ref):
     with pytest.raises(CrateEdgeError, match="reference"):  # not compiled from the embedded model
         parity(arts["broken"].path, data="embedded", progress=False)
-    rep = parity(arts["broken"].path, reference=ref, data="embedded", limit=300, progress=False,
-                 tolerances={"min_support_iou": 0.9, "max_coding_rate_rel": 0.02, "min_sqnr_db": 40})
+    rep = parity(
+        arts["broken"].path,
+        reference=ref,
+        data="embedded",
+        limit=300,
+        progress=False,
+        tolerances={"min_support_iou": 0.9, "max_coding_rate_rel": 0.02, "min_sqnr_db": 40},
+    )
     r = rep.results[0]
     assert not rep.passed and not r.source_matches_reference
     # blocks before the perturbation are untouched; the error enters at block 3's ISTA output
@@ -102,8 +109,15 @@ def test_non_probe_artifact_gets_logit_metrics_only(arts, tmp_path):
 
 
 def test_several_artifacts_and_report_files(arts, tmp_path, ref):
-    rep = parity([arts["probe"].path, arts["plain"].path, arts["broken"].path], reference=ref, data="embedded",
-                 limit=256, batch_size=100, progress=False, tolerances={"min_support_iou": 0.9})
+    rep = parity(
+        [arts["probe"].path, arts["plain"].path, arts["broken"].path],
+        reference=ref,
+        data="embedded",
+        limit=256,
+        batch_size=100,
+        progress=False,
+        tolerances={"min_support_iou": 0.9},
+    )
     assert [r.passed for r in rep.results] == [True, True, False] and rep.n == 256
     rep.write(tmp_path)
     doc = json.loads((tmp_path / "parity.json").read_text())
@@ -146,8 +160,23 @@ def test_cli(arts, tmp_path, ref):
     assert json.loads((out / "parity.json").read_text())["artifacts"][0]["tolerances"]["min_sqnr_db"] == 60
 
     ref_dir = crate_edge.zoo.embedded_model_dir()
-    r = runner.invoke(main, ["parity", broken, "--reference", str(ref_dir), "--data", "embedded", "--limit", "200",
-                             "--out", str(tmp_path / "bad"), "--tol", "min_support_iou=0.9"])
+    r = runner.invoke(
+        main,
+        [
+            "parity",
+            broken,
+            "--reference",
+            str(ref_dir),
+            "--data",
+            "embedded",
+            "--limit",
+            "200",
+            "--out",
+            str(tmp_path / "bad"),
+            "--tol",
+            "min_support_iou=0.9",
+        ],
+    )
     assert r.exit_code == 1 and f"layer {BROKEN_LAYER}" in r.output and "parity FAILED" in r.output
     assert (tmp_path / "bad" / "parity.json").exists()
 
@@ -158,13 +187,15 @@ def test_cli(arts, tmp_path, ref):
     b[len(b) // 2] ^= 0x55
     f.write_bytes(bytes(b))
     other = crate_edge.save_model(crate_edge.create_model("mnist-micro"), tmp_path / "micro")
-    for args, what in (([broken, "--data", "embedded"], "reference"),  # implicit embedded reference, other source
-                       ([str(tmp_path / "nope"), "--data", "embedded"], "not found"),
-                       ([str(tampered), "--data", "embedded"], "sha256"),
-                       ([probe, "--data", "no-such-data"], "not found"),
-                       ([probe, "--data", "embedded", "--reference", str(other)], "does not fit"),
-                       ([probe, "--data", "embedded", "--tol", "min_iou=0.9"], "unknown tolerance"),
-                       ([probe, "--data", "embedded", "--tol", "min_iou"], "KEY=VALUE")):
+    for args, what in (
+        ([broken, "--data", "embedded"], "reference"),  # implicit embedded reference, other source
+        ([str(tmp_path / "nope"), "--data", "embedded"], "not found"),
+        ([str(tampered), "--data", "embedded"], "sha256"),
+        ([probe, "--data", "no-such-data"], "not found"),
+        ([probe, "--data", "embedded", "--reference", str(other)], "does not fit"),
+        ([probe, "--data", "embedded", "--tol", "min_iou=0.9"], "unknown tolerance"),
+        ([probe, "--data", "embedded", "--tol", "min_iou"], "KEY=VALUE"),
+    ):
         r = runner.invoke(main, ["parity", *args, "--out", str(tmp_path / "x")])
         assert r.exit_code == 2, (args, r.output)
         err = [ln for ln in r.output.splitlines() if ln.startswith("error:")]

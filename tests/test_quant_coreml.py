@@ -1,10 +1,11 @@
-"""Core ML reduced precision (issue 4): int8 weights, palettized weights and int8 weights +
+"""Core ML reduced precision: int8 weights, palettized weights and int8 weights +
 activations, applied by coremltools.optimize.coreml to the CRATE policy's sites only.
 
 Core ML predictions need macOS: off macOS these tests verify the converted program statically
 (which MIL linears carry compressed weights / quantized inputs, package sizes) and the numerics
 through the reference executor (torch on the exported program with the weights decompressed
 from the saved .mlpackage), which the manifest labels "not Core ML"."""
+
 import dataclasses
 import platform
 
@@ -14,10 +15,13 @@ import torch
 
 import crate_edge
 from crate_edge import BackendUnavailable, CrateEdgeError, load_artifact
-from crate_edge.compiler import check_tolerances, compile, logit_parity, parity_images
+from crate_edge.compiler import compile, parity_images
+from crate_edge.metrics import check_tolerances, logit_parity
 from crate_edge.targets import load_target
 
-ct = pytest.importorskip("coremltools", reason="coremltools not installed: Core ML quantization untested (pip install 'crate-edge[coreml]')")
+ct = pytest.importorskip(
+    "coremltools", reason="coremltools not installed: Core ML quantization untested (pip install 'crate-edge[coreml]')"
+)
 
 PARITY_N = 300  # held-out images for compile-time parity (the full slice is 1,000)
 NEW = ("coreml-int8w", "coreml-palettize", "coreml-w8a8")
@@ -108,9 +112,14 @@ def test_manifest_says_what_is_and_is_not_verified(arts, name, model):
             load_artifact(art.path)  # Core ML itself cannot run here
 
 
-@pytest.mark.parametrize("name,weight_op", [("coreml-int8w", "constexpr_blockwise_shift_scale"),
-                                            ("coreml-palettize", "constexpr_lut_to_dense"),
-                                            ("coreml-w8a8", "constexpr_blockwise_shift_scale")])
+@pytest.mark.parametrize(
+    "name,weight_op",
+    [
+        ("coreml-int8w", "constexpr_blockwise_shift_scale"),
+        ("coreml-palettize", "constexpr_lut_to_dense"),
+        ("coreml-w8a8", "constexpr_blockwise_shift_scale"),
+    ],
+)
 def test_compressed_weights_exactly_on_the_sites(arts, name, weight_op):
     art = arts[name]
     n = len(art.manifest["quantization"]["sites"])
@@ -135,8 +144,7 @@ def test_compressed_weights_exactly_on_the_sites(arts, name, weight_op):
 def test_only_configured_sites_are_compressed(model, tmp_path):
     """A narrower policy (no embed / head, layer 2 kept float) compresses exactly those linears."""
     t = load_target("coreml-int8w")
-    t = dataclasses.replace(t, name="coreml-int8w-narrow",
-                            quantize={**t.quantize, "sites": ["qkv", "out", "ista"], "float_layers": [2]})
+    t = dataclasses.replace(t, name="coreml-int8w-narrow", quantize={**t.quantize, "sites": ["qkv", "out", "ista"], "float_layers": [2]})
     art = _compile(model, t, tmp_path / "narrow")
     sites = art.manifest["backend"]["quant_sites"]
     assert sorted(sites) == sorted(f"{i}.{k}" for i in range(model.cfg.depth) if i != 2 for k in ("qkv", "out", "ista"))
@@ -190,11 +198,14 @@ def test_fp16_target_precision_map_is_exact(arts):
     assert m["quantization"] is None and m["parity"]["executor"].startswith("torch (float16)")
 
 
-@pytest.mark.parametrize("change,match", [
-    ({"scheme": "fp8"}, "not supported"),
-    ({"scheme": "palettize", "nbits": 5}, "nbits"),
-    ({"scheme": "int8", "calibration": "entropy"}, "calibration"),
-])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"scheme": "fp8"}, "not supported"),
+        ({"scheme": "palettize", "nbits": 5}, "nbits"),
+        ({"scheme": "int8", "calibration": "entropy"}, "calibration"),
+    ],
+)
 def test_bad_quantize_tables_are_refused(model, tmp_path, change, match):
     t = load_target("coreml-w8a8")
     t = dataclasses.replace(t, quantize={**t.quantize, **change})

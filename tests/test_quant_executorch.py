@@ -1,6 +1,7 @@
 """ExecuTorch int8 (PT2E + XNNPACK): the embedded model compiled to executorch-int8 keeps the
 CRATE quantization policy (only the site linears in int8), XNNPACK runs those linears as int8
 GEMMs, and accuracy stays within the target's tolerances and ~0.5 point of fp32."""
+
 import pytest
 import torch
 
@@ -10,8 +11,9 @@ pytest.importorskip("torchao.quantization.pt2e", reason="torchao (PT2E quantizat
 import crate_edge  # noqa: E402
 from crate_edge.artifact import load_artifact  # noqa: E402
 from crate_edge.backends import executorch as et  # noqa: E402
-from crate_edge.compiler import check_tolerances, compile  # noqa: E402
+from crate_edge.compiler import compile  # noqa: E402
 from crate_edge.errors import CrateEdgeError  # noqa: E402
+from crate_edge.metrics import check_tolerances  # noqa: E402
 from crate_edge.quantize import QuantConfig, quant_sites  # noqa: E402
 from crate_edge.targets import load_target  # noqa: E402
 

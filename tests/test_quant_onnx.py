@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import crate_edge
-from crate_edge.data import load_dataset
 from crate_edge.compiler import compile
+from crate_edge.data import load_dataset
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -156,15 +156,18 @@ def test_onnxruntime_qdq_ops_match_a_torch_simulation(scheme):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from crate_edge.backends.tensorrt import _tensor, _fp8
+    from crate_edge.backends.tensorrt import _fp8, _tensor
 
     elem = TensorProto.INT8 if scheme == "int8" else TensorProto.FLOAT8E4M3FN
     zero = np.zeros((), np.int8) if scheme == "int8" else np.zeros((), _fp8())
     s16 = np.array(0.0123, np.float16)
-    g = helper.make_graph([helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
-                          "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [None])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [None])],
-                          [numpy_helper.from_array(s16, "s"), _tensor("z", zero, elem)])
+    g = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [None])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [None])],
+        [numpy_helper.from_array(s16, "s"), _tensor("z", zero, elem)],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 23)])
     onnx.checker.check_model(m)
     x = (np.random.default_rng(0).standard_normal(100_000) * 3).astype(np.float16)
@@ -209,7 +212,8 @@ def _simulate(model, art):
 
 
 def test_trt_qdq_numerics_match_a_torch_simulation(model, trt_q):
-    from crate_edge.compiler import logit_parity, parity_images
+    from crate_edge.compiler import parity_images
+    from crate_edge.metrics import logit_parity
 
     x, _ = parity_images(model.cfg, "embedded", 500)
     got = trt_q(x.numpy())  # ONNX Runtime on the exact network handed to TensorRT
@@ -247,7 +251,7 @@ min_cosine = -1.0
 
 
 def test_planted_all_ops_artifact_is_clearly_worse(model, ort_int8, tmp_path):
-    """Issue 4's planted broken artifact: quantizing everything (LayerNorm, Attention inputs and
+    """A planted broken artifact: quantizing everything (LayerNorm, Attention inputs and
     outputs, residual adds, ISTA pre-activation) builds and runs, and is clearly worse than the
     policy artifact, in logits and in the white-box layers (ISTA support)."""
     from crate_edge.compiler import parity_images
@@ -269,8 +273,16 @@ def test_planted_all_ops_artifact_is_clearly_worse(model, ort_int8, tmp_path):
         _, _, rz = split_probe_outputs(Probe(model)(x), model.cfg.depth)
     ious = [support_iou(a, b) for a, b in zip(z, rz)]
     mean, worst = [float(i.mean()) for i in ious], [float(i.min()) for i in ious]
-    print("planted all-ops int8: top-1 agreement", pb["top1_agreement"], "min cosine", pb["min_cosine"],
-          "ISTA support IoU per layer (mean)", mean, "(worst image)", worst)
+    print(
+        "planted all-ops int8: top-1 agreement",
+        pb["top1_agreement"],
+        "min cosine",
+        pb["min_cosine"],
+        "ISTA support IoU per layer (mean)",
+        mean,
+        "(worst image)",
+        worst,
+    )
     # measured (1000 images): mean 0.90-0.95, worst image 0.70-0.86; the policy artifact keeps
     # mean 0.970-0.984 and worst image >= 0.955 in every layer
     assert min(mean) < 0.95 and min(worst) < 0.85, (mean, worst)

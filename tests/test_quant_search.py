@@ -1,5 +1,6 @@
 """The accuracy-driven fallback: raise the most sensitive block to float until the budget holds,
 keep the fastest passing configuration, always save the best one with a log."""
+
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 import crate_edge
 from crate_edge.backends import get_backend
 from crate_edge.errors import CrateEdgeError
-from crate_edge.quantize import _sensitivity, search
+from crate_edge.search import _sensitivity, search
 from crate_edge.targets import load_target
 
 pytestmark = pytest.mark.skipif(not get_backend("onnxruntime").available()[0], reason="onnxruntime not installed")
@@ -16,14 +17,21 @@ pytestmark = pytest.mark.skipif(not get_backend("onnxruntime").available()[0], r
 
 def test_sensitivity_is_the_noise_power_each_block_adds():
     layers = [{"z_sqnr_db": 50.0}, {"z_sqnr_db": 45.0}, {"z_sqnr_db": 20.0}, {"z_sqnr_db": float("inf")}]
-    assert _sensitivity(layers) == pytest.approx([1e-5, 10 ** -4.5 - 1e-5, 1e-2 - 10 ** -4.5, -1e-2])
+    assert _sensitivity(layers) == pytest.approx([1e-5, 10**-4.5 - 1e-5, 1e-2 - 10**-4.5, -1e-2])
 
 
 def _target(tmp_path, **quant):
     base = load_target("onnxruntime-int8").raw
-    lines = ['name = "ort-int8-search"', 'backend = "onnxruntime"', 'precision = "int8"',
-             'rewrites = ["shift_patch_norm", "fold_ista", "sdpa_attention"]', "[options]", "opset = 23", "threads = 1",
-             "[quantize]"]
+    lines = [
+        'name = "ort-int8-search"',
+        'backend = "onnxruntime"',
+        'precision = "int8"',
+        'rewrites = ["shift_patch_norm", "fold_ista", "sdpa_attention"]',
+        "[options]",
+        "opset = 23",
+        "threads = 1",
+        "[quantize]",
+    ]
     q = {**base["quantize"], "calibration_images": 64, **quant}
     for k, v in q.items():
         lines.append(f"{k} = {json.dumps(v)}")
@@ -66,7 +74,10 @@ def test_cli_bad_input_is_one_line(tmp_path):
 
     from crate_edge.cli import main
 
-    for args, msg in [(["--target", "onnxruntime"], "no [quantize] table"), (["--target", "onnxruntime-int8", "--budget", "x"], "KEY=NUMBER"),
-                      (["--target", "nope"], "unknown target")]:
+    for args, msg in [
+        (["--target", "onnxruntime"], "no [quantize] table"),
+        (["--target", "onnxruntime-int8", "--budget", "x"], "KEY=NUMBER"),
+        (["--target", "nope"], "unknown target"),
+    ]:
         r = CliRunner().invoke(main, ["quantize", *args, "--out", str(tmp_path / "a")])
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output

@@ -3,6 +3,7 @@ vpmaddwd), the rest of the Relax program stays fp32. On the embedded Fashion-MNI
 manifest says what is int8 and what is not, the library really embeds int8 weights instead of the
 float ones, parity passes, held-out top-1 is within half a point of fp32, and the kernel itself
 is exact against an integer reference (row and column tails included)."""
+
 import numpy as np
 import pytest
 import torch
@@ -126,8 +127,12 @@ def test_int8_kernel_is_exact():
     out = tvm.runtime.tensor(np.zeros((m, 32), np.float32), dev)
 
     def run(a16, wp, scale):
-        lib["main"](tvm.runtime.tensor(np.ascontiguousarray(a16).view(np.int32), dev), tvm.runtime.tensor(wp, dev),
-                    tvm.runtime.tensor(scale, dev), out)
+        lib["main"](
+            tvm.runtime.tensor(np.ascontiguousarray(a16).view(np.int32), dev),
+            tvm.runtime.tensor(wp, dev),
+            tvm.runtime.tensor(scale, dev),
+            out,
+        )
         return out.numpy()[:, :n]
 
     s = sw.astype(np.float32)
@@ -142,11 +147,15 @@ def test_int8_kernel_is_exact():
 def test_unimplemented_schemes_and_targets_refuse(model, tmp_path):
     _need_avx2_and_calibration_data()
     p = tmp_path / "w8.toml"
-    p.write_text('backend = "tvm"\nprecision = "int8"\nrewrites = ["fold_ista"]\n[quantize]\nscheme = "int8_weights"\n'
-                 'activations = "none"\ncalibration_images = 8\n')
+    p.write_text(
+        'backend = "tvm"\nprecision = "int8"\nrewrites = ["fold_ista"]\n[quantize]\nscheme = "int8_weights"\n'
+        'activations = "none"\ncalibration_images = 8\n'
+    )
     with pytest.raises(CrateEdgeError, match="not implemented by the TVM backend"):
         compile(model, p, out=tmp_path / "a", parity_limit=10, **QUIET)
-    p.write_text('backend = "tvm"\nprecision = "int8"\nrewrites = ["fold_ista"]\n[quantize]\nscheme = "int8"\n'
-                 'calibration = "entropy"\ncalibration_images = 8\n')
+    p.write_text(
+        'backend = "tvm"\nprecision = "int8"\nrewrites = ["fold_ista"]\n[quantize]\nscheme = "int8"\n'
+        'calibration = "entropy"\ncalibration_images = 8\n'
+    )
     with pytest.raises(CrateEdgeError, match="entropy"):
         compile(model, p, out=tmp_path / "b", parity_limit=10, **QUIET)

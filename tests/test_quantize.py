@@ -1,4 +1,5 @@
 """The quantization core: configs as data, the CRATE-aware site policy, calibration data."""
+
 import pytest
 import torch
 
@@ -17,9 +18,16 @@ def test_float_target_has_no_config():
     assert QuantConfig.from_target(_target()) is None
 
 
-@pytest.mark.parametrize("bad, msg", [({"scheme": "int3"}, "quantize.scheme"), ({"ista": "half"}, "quantize.ista"),
-                                      ({"calibration": "vibes"}, "quantize.calibration"), ({"sites": ["qkv", "softmax"]}, "softmax"),
-                                      ({"bogus": 1}, "unknown [quantize] key")])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ({"scheme": "int3"}, "quantize.scheme"),
+        ({"ista": "half"}, "quantize.ista"),
+        ({"calibration": "vibes"}, "quantize.calibration"),
+        ({"sites": ["qkv", "softmax"]}, "softmax"),
+        ({"bogus": 1}, "unknown [quantize] key"),
+    ],
+)
 def test_bad_config_is_one_clear_error(bad, msg):
     with pytest.raises(CrateEdgeError, match=msg.replace("[", r"\[")):
         QuantConfig.from_target(_target(**bad))
@@ -27,7 +35,11 @@ def test_bad_config_is_one_clear_error(bad, msg):
 
 def test_rewrites_follow_the_ista_choice():
     upd = QuantConfig(ista="update")
-    assert quant_rewrites(["shift_patch_norm", "fold_ista", "sdpa_attention"], upd) == ["shift_patch_norm", "fold_ista_update", "sdpa_attention"]
+    assert quant_rewrites(["shift_patch_norm", "fold_ista", "sdpa_attention"], upd) == [
+        "shift_patch_norm",
+        "fold_ista_update",
+        "sdpa_attention",
+    ]
     assert quant_rewrites(["fold_ista_update"], QuantConfig(ista="matrix")) == ["fold_ista"]
     assert quant_rewrites(["sdpa_attention"], None) == ["sdpa_attention"]
 

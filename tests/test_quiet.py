@@ -1,6 +1,7 @@
 """Quiet by default: a CLI command's stderr carries crate-edge's own lines only, `crate-edge -v`
 shows the libraries' warnings and logs again, and the library itself never configures the root
 logger (crate_edge.quiet is the CLI's, and undoes itself)."""
+
 import logging
 import os
 import re
@@ -31,11 +32,20 @@ def test_compile_is_quiet_and_verbose_is_not(tmp_path):
     lines without -v; the exporter's lines with -v."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
+    from tests.procs import small_model_and_data
+
+    model, data = small_model_and_data(tmp_path)  # the cheapest real compile
     runs = {}
     for flags in ([], ["-v"]):
         out = tmp_path / ("verbose" if flags else "quiet")
-        r = subprocess.run(_cli() + flags + ["compile", "--target", "onnxruntime", "--out", str(out)], cwd=tmp_path,
-                           capture_output=True, text=True, env=_env(), timeout=600)
+        r = subprocess.run(
+            _cli() + flags + ["compile", "--target", "onnxruntime", "--model", str(model), "--parity-data", str(data), "--out", str(out)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env=_env(),
+            timeout=600,
+        )
         assert r.returncode == 0, r.stderr
         assert r.stdout.strip().endswith("parity passed"), r.stdout
         runs[bool(flags)] = [line for line in r.stderr.splitlines() if line.strip()]
@@ -44,8 +54,10 @@ def test_compile_is_quiet_and_verbose_is_not(tmp_path):
     assert not foreign, "third-party lines without -v:\n" + "\n".join(foreign)
     assert any(line.startswith("[onnxruntime] wrote ") for line in quiet), quiet
     shown = [line for line in verbose if not OWN.match(line)]
-    assert shown, ("-v showed no library line; the exporter's 'torchvision is not installed' lines were expected "
-                   "(if the libraries went quiet on their own, pick another command here):\n" + "\n".join(verbose))
+    assert shown, (
+        "-v showed no library line; the exporter's 'torchvision is not installed' lines were expected "
+        "(if the libraries went quiet on their own, pick another command here):\n" + "\n".join(verbose)
+    )
 
 
 _PROBE = textwrap.dedent(r"""
@@ -118,8 +130,7 @@ def test_cli_in_process_leaves_the_interpreter_as_it_was():
     before = (root.level, list(root.handlers), logging.root.manager.disable, warnings.showwarning, sys.stderr, os.fstat(2).st_ino)
     r = CliRunner().invoke(main, ["run", "/nonexistent/artifact"])
     assert r.exit_code == 2 and r.output.startswith("error: "), r.output
-    assert (root.level, list(root.handlers), logging.root.manager.disable, warnings.showwarning, sys.stderr,
-            os.fstat(2).st_ino) == before
+    assert (root.level, list(root.handlers), logging.root.manager.disable, warnings.showwarning, sys.stderr, os.fstat(2).st_ino) == before
 
 
 def test_library_quantization_leaves_the_root_logger_alone(tmp_path):
@@ -136,9 +147,13 @@ def test_library_quantization_leaves_the_root_logger_alone(tmp_path):
     from crate_edge.quantize import QuantConfig, QuantPlan
 
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["images", "w"], ["logits"], name="mm")], "tiny",
-                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 4])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])], [w])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["images", "w"], ["logits"], name="mm")],
+        "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])],
+        [w],
+    )
     fp32 = tmp_path / "fp32.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(fp32))
     plan = QuantPlan(QuantConfig(calibration="max"), {}, torch.randn(16, 4))

@@ -1,26 +1,31 @@
 """Each CRATE-aware rewrite computes the same function (<= 1e-5 in fp32) and exports."""
+
 import pytest
 import torch
 
 from crate_edge import create_model, load_model
-from crate_edge.compiler import export
+from crate_edge.export import export
 from crate_edge.rewrites import PASSES, FoldedISTA, Probe, apply, split_probe_outputs
 
 
 @pytest.fixture(scope="module")
 def models(ref_ckpt):
     torch.manual_seed(0)
-    return {"reference": load_model(ref_ckpt, heads=4),
-            "mean-pool-1ch": create_model("mnist-micro", pool="mean").eval(),
-            "tiny-224": create_model("tiny", num_classes=10).eval()}
+    return {
+        "reference": load_model(ref_ckpt, heads=4),
+        "mean-pool-1ch": create_model("mnist-micro", pool="mean").eval(),
+        "tiny-224": create_model("tiny", num_classes=10).eval(),
+    }
 
 
 def _x(m, b=3):
     return torch.randn(b, *m.cfg.input_shape, generator=torch.Generator().manual_seed(7))
 
 
-COMBOS = [[p] for p in PASSES] + [["shift_patch_norm", "fold_ista", "sdpa_attention"],
-                                  ["shift_patch_norm", "fold_ista", "bmm_attention", "linear_layernorm"]]
+COMBOS = [[p] for p in PASSES] + [
+    ["shift_patch_norm", "fold_ista", "sdpa_attention"],
+    ["shift_patch_norm", "fold_ista", "bmm_attention", "linear_layernorm"],
+]
 
 
 @pytest.mark.parametrize("names", COMBOS, ids=lambda n: "+".join(n))
@@ -99,3 +104,23 @@ def test_shift_patch_norm_conditions_near_uniform_patches(models):
     e_plain = (plain.double() - ref).abs().max().item()
     e_shift = (shifted.double() - ref).abs().max().item()
     assert e_shift <= 1e-5 and e_shift < e_plain / 10, (e_plain, e_shift)
+
+
+def test_a_shared_parameter_view_trains_the_model_itself(models):
+    """Training runs through TRAIN_FUSION over the model's own parameters: gradients and updates
+    reach the reference formulation, which stays unrewritten."""
+    from crate_edge.model import ISTA, MSSA
+    from crate_edge.train import TRAIN_FUSION
+
+    torch.manual_seed(0)
+    m = create_model("mnist-micro").train()
+    fast = apply(m, TRAIN_FUSION, share_parameters=True)
+    assert fast.training and {id(p) for p in fast.parameters()} == {id(p) for p in m.parameters()}
+    assert isinstance(m.transformer.layers[0][0].fn, MSSA) and isinstance(m.transformer.layers[0][1].fn, ISTA)
+    x = _x(m, 4)
+    fast(x).square().sum().backward()
+    g_fast = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m(x).square().sum().backward()
+    for n, p in m.named_parameters():
+        assert torch.allclose(g_fast[n], p.grad, rtol=1e-4, atol=1e-5), n

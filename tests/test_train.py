@@ -87,17 +87,24 @@ def test_shipped_recipes_parse():
 def test_ddp_two_cpu_processes_train_one_model(tmp_path):
     r = _recipe(tmp_path, epochs=2, fused="false", limit=256)
     script = tmp_path / "ddp.py"
-    script.write_text(textwrap.dedent(f"""
+    script.write_text(
+        textwrap.dedent(f"""
         import json, os, torch
         torch.set_num_threads(1)
         from crate_edge.train import train
-        rec = train({str(r)!r}, {str(tmp_path / 'ddp')!r}, progress=False)
+        rec = train({str(r)!r}, {str(tmp_path / "ddp")!r}, progress=False)
         with open(os.path.join({str(tmp_path)!r}, f"rank{{os.environ['RANK']}}.json"), "w") as f:
             json.dump(rec, f)
-    """))
+    """)
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
-                       capture_output=True, text=True, env=env, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     r0 = json.loads((tmp_path / "rank0.json").read_text())
     r1 = json.loads((tmp_path / "rank1.json").read_text())
@@ -106,4 +113,5 @@ def test_ddp_two_cpu_processes_train_one_model(tmp_path):
     assert log[-1]["train_loss"] < log[0]["train_loss"]
     # one model, saved once, equal to what both ranks hold
     from crate_edge.checkpoint import model_hash
+
     assert model_hash(load_model(tmp_path / "ddp" / "model")) == r0["weights_sha256"]

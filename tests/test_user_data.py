@@ -1,5 +1,6 @@
 """Users' own data for calibration, parity and evaluation: crate_edge.data.open_inputs and the
 options that take a data spec (compile --calibration-data / --parity-data, quantize, run, eval)."""
+
 import gzip
 import hashlib
 import json
@@ -22,8 +23,18 @@ ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "crate_edge.cli"]
 
 # a small RGB model that normalises its inputs: a float `x` must reach it untouched
-CFG = CrateConfig(image_size=16, patch_size=4, channels=3, num_classes=5, dim=32, depth=1, heads=2, dim_head=16,
-                  mean=(0.5, 0.4, 0.3), std=(0.25, 0.2, 0.3))
+CFG = CrateConfig(
+    image_size=16,
+    patch_size=4,
+    channels=3,
+    num_classes=5,
+    dim=32,
+    depth=1,
+    heads=2,
+    dim_head=16,
+    mean=(0.5, 0.4, 0.3),
+    std=(0.25, 0.2, 0.3),
+)
 
 
 def _sha(path) -> str:
@@ -62,6 +73,7 @@ def _no_output(d: Path, name: str):
 
 # ------------------------------------------------------------------ each kind of spec
 
+
 def test_float_npz_passes_through_untouched(tmp_path):
     a = _float_npz(tmp_path / "mine.npz", 10)
     s = open_inputs(str(tmp_path / "mine.npz"), CFG)
@@ -80,8 +92,17 @@ def test_float_npz_passes_through_untouched(tmp_path):
     assert torch.equal(sp.tensors()[0], x[idx]) and torch.equal(sp.labels, y[idx])
     assert s.first(50) is s and s.first(None) is s
     r = sp.record()
-    assert r == {**r, "spec": str(tmp_path / "mine.npz"), "kind": "npz", "layout": "x", "sha256": _sha(tmp_path / "mine.npz"),
-                 "images": 4, "of": 10, "selection": "evenly spaced", "labels": True}
+    assert r == {
+        **r,
+        "spec": str(tmp_path / "mine.npz"),
+        "kind": "npz",
+        "layout": "x",
+        "sha256": _sha(tmp_path / "mine.npz"),
+        "images": 4,
+        "of": 10,
+        "selection": "evenly spaced",
+        "labels": True,
+    }
     assert "split" not in r
     json.dumps(r)
     # labels are optional
@@ -140,7 +161,10 @@ def test_image_folder_is_resized_and_normalised(tmp_path):
 
 
 def test_idx_directory_and_named_sets(tmp_path):
-    for name, arr in (("t10k-images-idx3-ubyte", np.full((4, 16, 16), 255, np.uint8)), ("t10k-labels-idx1-ubyte", np.arange(4, dtype=np.uint8))):
+    for name, arr in (
+        ("t10k-images-idx3-ubyte", np.full((4, 16, 16), 255, np.uint8)),
+        ("t10k-labels-idx1-ubyte", np.arange(4, dtype=np.uint8)),
+    ):
         hdr = bytes([0, 0, 0x08, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
         (tmp_path / (name + ".gz")).write_bytes(gzip.compress(hdr + arr.tobytes()))
     s = open_inputs(str(tmp_path), CFG)
@@ -156,6 +180,7 @@ def test_idx_directory_and_named_sets(tmp_path):
 
 
 # ------------------------------------------------------------------ bad data: one clear line
+
 
 def _bad(tmp_path):
     """(spec, expected message fragment) for every malformed-data case that open_inputs catches."""
@@ -218,9 +243,9 @@ def test_bad_data_gives_one_clear_line(tmp_path):
 
 
 def test_corrupt_image_too_few_images_and_missing_labels(tmp_path):
-    from crate_edge.quantize import QuantConfig, calibration_images, calibration_set
-
     from PIL import Image
+
+    from crate_edge.quantize import QuantConfig, calibration_images, calibration_set
 
     root = tmp_path / "imgs" / "a"
     root.mkdir(parents=True)
@@ -259,8 +284,15 @@ def test_compile_refuses_bad_data_before_writing(tmp_path):
     with pytest.raises(CrateEdgeError, match="mine.npz holds 20 images; calibration needs 256"):
         crate_edge.compile(m, "onnxruntime-int8", out=tmp_path / "a", calibration_data=str(tmp_path / "mine.npz"), log=lambda s: None)
     with pytest.raises(CrateEdgeError, match="^parity data: .*bad.npz"):
-        crate_edge.compile(m, "onnxruntime-int8", out=tmp_path / "a", calibration_data=str(tmp_path / "mine.npz"),
-                           calibration_images=8, parity_data=str(tmp_path / "bad.npz"), log=lambda s: None)
+        crate_edge.compile(
+            m,
+            "onnxruntime-int8",
+            out=tmp_path / "a",
+            calibration_data=str(tmp_path / "mine.npz"),
+            calibration_images=8,
+            parity_data=str(tmp_path / "bad.npz"),
+            log=lambda s: None,
+        )
     _no_output(tmp_path, "a")
 
 
@@ -268,8 +300,10 @@ def test_cli_bad_data_is_one_line_and_writes_nothing(tmp_path):
     _float_npz(tmp_path / "rgb.npz", 50, shape=(3, 32, 32))  # the embedded model takes (1, 28, 28)
     np.savez(tmp_path / "ylen.npz", x=np.zeros((5, 1, 28, 28), np.float32), y=np.zeros(2, np.int64))
     e = _one_error_line(_cli("compile", "--target", "onnxruntime-int8", "--calibration-data", "rgb.npz", "--out", "art", cwd=tmp_path))
-    assert e == "error: calibration data: rgb.npz: images are (3, 32, 32) (C, H, W); the model takes (1, 28, 28) " \
-                "(a float32 'x' is used as is, never resized)", e
+    assert (
+        e == "error: calibration data: rgb.npz: images are (3, 32, 32) (C, H, W); the model takes (1, 28, 28) "
+        "(a float32 'x' is used as is, never resized)"
+    ), e
     e = _one_error_line(_cli("compile", "--target", "onnxruntime-int8", "--parity-data", "ylen.npz", "--out", "art", cwd=tmp_path))
     assert "ylen.npz: 'y' must be one label per image" in e
     e = _one_error_line(_cli("compile", "--target", "onnxruntime", "--calibration-data", "rgb.npz", "--out", "art", cwd=tmp_path))
@@ -279,14 +313,23 @@ def test_cli_bad_data_is_one_line_and_writes_nothing(tmp_path):
 
 # ------------------------------------------------------------------ end to end
 
+
 def _upstream_checkpoint(path, cfg, seed=0):
     """A CRATE saved the way upstream's training script saves it."""
     torch.manual_seed(seed)
     m = CRATE(cfg).eval()
     sd = {f"module.{k}": v.clone() for k, v in m.state_dict().items()}
-    torch.save({"epoch": 90, "arch": "CRATE_custom", "state_dict": sd, "best_acc1": 11.0,
-                "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "params": list(range(len(sd)))}]},
-                "scheduler": {"last_epoch": 90}}, path)
+    torch.save(
+        {
+            "epoch": 90,
+            "arch": "CRATE_custom",
+            "state_dict": sd,
+            "best_acc1": 11.0,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 1e-3, "params": list(range(len(sd)))}]},
+            "scheduler": {"last_epoch": 90},
+        },
+        path,
+    )
     return m
 
 
@@ -301,8 +344,20 @@ def test_own_checkpoint_and_data_end_to_end_cli(tmp_path):
     assert "--heads" in e
     r = _cli("import", "ckpt.pth.tar", "--heads", "4", "--out", "model", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    r = _cli("compile", "--target", "onnxruntime-int8", "--model", "model", "--calibration-data", "mine.npz",
-             "--parity-data", "mine.npz", "--out", "art", cwd=tmp_path)
+    r = _cli(
+        "compile",
+        "--target",
+        "onnxruntime-int8",
+        "--model",
+        "model",
+        "--calibration-data",
+        "mine.npz",
+        "--parity-data",
+        "mine.npz",
+        "--out",
+        "art",
+        cwd=tmp_path,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "calibration on 256 evenly spaced images of mine.npz" in r.stderr
     m = json.loads((tmp_path / "art" / "manifest.json").read_text())
@@ -330,8 +385,15 @@ def test_own_data_python_api_and_unlabelled_parity(tmp_path):
     g = np.random.default_rng(1)
     np.savez(tmp_path / "cal.npz", x=g.standard_normal((64, 3, 32, 32)).astype(np.float32))
     np.savez(tmp_path / "check.npz", x=g.standard_normal((120, 3, 32, 32)).astype(np.float32))  # no labels
-    art = crate_edge.compile(model, "onnxruntime-int8", out=tmp_path / "art", calibration_data=str(tmp_path / "cal.npz"),
-                             calibration_images=64, parity_data=str(tmp_path / "check.npz"), log=lambda s: None)
+    art = crate_edge.compile(
+        model,
+        "onnxruntime-int8",
+        out=tmp_path / "art",
+        calibration_data=str(tmp_path / "cal.npz"),
+        calibration_images=64,
+        parity_data=str(tmp_path / "check.npz"),
+        log=lambda s: None,
+    )
     m = art.manifest
     assert m["quantization"]["calibration"]["sha256"] == _sha(tmp_path / "cal.npz") and m["quantization"]["calibration"]["images"] == 64
     assert m["quantization"]["config"]["calibration_images"] == 64

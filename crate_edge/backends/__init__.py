@@ -1,4 +1,5 @@
 """Backends, one module each, behind crate_edge.backends.base.Backend."""
+
 from __future__ import annotations
 
 import importlib

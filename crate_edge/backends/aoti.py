@@ -1,4 +1,5 @@
 """AOTInductor: torch.export -> a compiled .pt2 package (C++ on CPU here, CUDA on a GPU host)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +8,7 @@ import numpy as np
 import torch
 
 from ..errors import CrateEdgeError
+from ..export import export
 from .base import Backend, Compiled
 
 PACKAGE = "model.pt2"
@@ -45,12 +47,15 @@ class AOTIBackend(Backend):
         device = target.device  # compile() has checked can_compile: a cuda target means a GPU here
         if device == "cuda":
             module = module.cuda()
-            from ..compiler import export
 
             ep = export(module, example.cuda(), target.dynamic_batch)
         torch._inductor.aoti_compile_and_package(ep, package_path=str(out / PACKAGE))
-        return Compiled(files=[PACKAGE], precision={"*": "fp32"}, info={"device": device},
-                        verified={"execution": f"AOTInductor ({device}) on this machine"})
+        return Compiled(
+            files=[PACKAGE],
+            precision={"*": "fp32"},
+            info={"device": device},
+            verified={"execution": f"AOTInductor ({device}) on this machine"},
+        )
 
     def load(self, art_dir: Path, manifest: dict):
         device = manifest["backend"].get("device", "cpu")

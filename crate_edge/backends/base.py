@@ -1,5 +1,6 @@
 """The one narrow interface every backend implements (as ExecuTorch backends do): is it
 available here, compile, load, run. Each backend imports its library lazily."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -79,8 +80,9 @@ class Backend:
     def dists(self) -> list[str]:
         return []
 
-    def compile(self, module: torch.nn.Module, ep: "torch.export.ExportedProgram", example: torch.Tensor, target, out: Path,
-                quant=None) -> Compiled:
+    def compile(
+        self, module: torch.nn.Module, ep: "torch.export.ExportedProgram", example: torch.Tensor, target, out: Path, quant=None
+    ) -> Compiled:
         """Lower `ep` (torch.export of the rewritten `module`, dynamic batch) into files under `out`.
         `quant` is a crate_edge.quantize.QuantPlan for a reduced-precision target (else None);
         a backend that cannot honour it raises CrateEdgeError."""
@@ -114,9 +116,17 @@ def host_info() -> dict[str, Any]:
     import os
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {"platform": platform.platform(), "machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(),
-            "isa": flags, "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "isa": flags,
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def unavailable(name: str, why: str) -> BackendUnavailable:

@@ -7,7 +7,7 @@ verified statically (op inventory, tensor precisions, input/output shapes), and 
 are checked by running the exact ExportedProgram handed to coremltools in torch at the
 target's compute precision, which is labelled as such and never reported as Core ML.
 
-Reduced precision (a target's [quantize] table, issue 4), applied with coremltools.optimize.coreml
+Reduced precision (a target's [quantize] table), applied with coremltools.optimize.coreml
 to the converted program, ONLY on the CRATE policy's sites (plan.sites: the weight GEMMs):
 
   * int8_weights: per-channel (or per-tensor) symmetric int8 weights
@@ -29,6 +29,7 @@ ExportedProgram with the site weights replaced by the values decompressed from t
 program's compute precision. That is what Core ML computes up to its kernels' arithmetic; it is
 labelled "not Core ML".
 """
+
 from __future__ import annotations
 
 import platform
@@ -37,14 +38,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..calibration import feed_site_inputs
 from ..errors import CrateEdgeError
 from .base import Backend, Compiled
 
 PACKAGE = "model.mlpackage"
 SOURCE = "source.pt2"  # the exact ExportedProgram converted, for the off-macOS numeric check
 
-COMPRESSED_WEIGHT_OPS = ("constexpr_blockwise_shift_scale", "constexpr_affine_dequantize", "constexpr_lut_to_dense",
-                         "constexpr_sparse_to_dense", "constexpr_cast")
+COMPRESSED_WEIGHT_OPS = (
+    "constexpr_blockwise_shift_scale",
+    "constexpr_affine_dequantize",
+    "constexpr_lut_to_dense",
+    "constexpr_sparse_to_dense",
+    "constexpr_cast",
+)
 ACT_QUANT_OPS = ("quantize", "dequantize")
 QUANT_SCHEMES = ("int8_weights", "palettize", "int8")
 LINEAR_OPTIONS = ("weight_mode",)  # [quantize.options] per scheme
@@ -114,6 +121,7 @@ def _weight_producer(op):
 
 # ------------------------------------------------------------------ sites <-> MIL ops
 
+
 def _site_weight(module: torch.nn.Module, path: str) -> np.ndarray:
     try:
         sub = module.get_submodule(path)
@@ -149,18 +157,29 @@ def map_sites(prog, module: torch.nn.Module, sites: dict[str, str]) -> dict[str,
         if op.name in used:
             raise CrateEdgeError(f"quantization site {site}: MIL op {op.name} already matched another site")
         used.add(op.name)
-        out[site] = {"linear": op.name, "weight": op.inputs["weight"].op.name, "x": op.inputs["x"].name, "param": f"{path}.weight",
-                     "shape": list(w.shape)}
+        out[site] = {
+            "linear": op.name,
+            "weight": op.inputs["weight"].op.name,
+            "x": op.inputs["x"].name,
+            "param": f"{path}.weight",
+            "shape": list(w.shape),
+        }
     return out
 
 
-def calibrate_inputs(module: torch.nn.Module, sites: dict[str, str], images: torch.Tensor, method: str = "percentile",
-                     percentile: float = 99.99, batch: int = 64, max_values: int = 4_000_000) -> dict[str, float]:
+def calibrate_inputs(
+    module: torch.nn.Module,
+    sites: dict[str, str],
+    images: torch.Tensor,
+    method: str = "percentile",
+    percentile: float = 99.99,
+    batch: int = 64,
+    max_values: int = 4_000_000,
+) -> dict[str, float]:
     """Symmetric range |x| <= a of each site GEMM's input over the calibration images, in torch
     fp32 on the (float) module handed to the backend: site -> a."""
     if method not in ("max", "percentile"):
         raise CrateEdgeError(f"coreml: activation calibration {method!r} is not supported; use max or percentile")
-    from ..quantize import feed_site_inputs
 
     store: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
     feed_site_inputs(module, sites, images, lambda s, x: store[s].append(x.abs().flatten().float()), batch)
@@ -177,6 +196,7 @@ def calibrate_inputs(module: torch.nn.Module, sites: dict[str, str], images: tor
 
 
 # ------------------------------------------------------------------ compression
+
 
 def _weight_config(qc, tgt_name: str):
     import coremltools.optimize.coreml as cto
@@ -203,14 +223,20 @@ def _weight_config(qc, tgt_name: str):
     pcs = bool(opts.get("per_channel_scale", False))
     mode = opts.get("mode", "kmeans")
     if (gran != "per_tensor" or pcs) and _target_rank(tgt_name) < _target_rank("iOS18"):
-        raise CrateEdgeError(f"coreml: palettization granularity {gran} / per_channel_scale needs minimum_deployment_target iOS18+, not {tgt_name}")
+        raise CrateEdgeError(
+            f"coreml: palettization granularity {gran} / per_channel_scale needs minimum_deployment_target iOS18+, not {tgt_name}"
+        )
     try:
-        cfg = cto.OpPalettizerConfig(mode=mode, nbits=qc.nbits, granularity=gran, group_size=group,
-                                     enable_per_channel_scale=pcs, weight_threshold=0)
+        cfg = cto.OpPalettizerConfig(
+            mode=mode, nbits=qc.nbits, granularity=gran, group_size=group, enable_per_channel_scale=pcs, weight_threshold=0
+        )
     except ValueError as e:
         raise CrateEdgeError(f"coreml: bad palettization options: {e}") from None
-    desc = f"{qc.nbits}-bit {mode} LUT, {gran}" + (f" (groups of {group} output channels)" if gran != "per_tensor" else "") + \
-        (", per-channel scales" if pcs else "")
+    desc = (
+        f"{qc.nbits}-bit {mode} LUT, {gran}"
+        + (f" (groups of {group} output channels)" if gran != "per_tensor" else "")
+        + (", per-channel scales" if pcs else "")
+    )
     return cfg, desc
 
 
@@ -225,8 +251,10 @@ def check_plan(plan, tgt_name: str):
     """Refuse what this backend cannot honour, before converting: (weight config, description)."""
     qc = plan.config
     if qc.scheme not in QUANT_SCHEMES:
-        raise CrateEdgeError(f"backend coreml: quantize.scheme {qc.scheme!r} is not supported; use one of {', '.join(QUANT_SCHEMES)} "
-                             "(fp16 compute is the target's precision)")
+        raise CrateEdgeError(
+            f"backend coreml: quantize.scheme {qc.scheme!r} is not supported; use one of {', '.join(QUANT_SCHEMES)} "
+            "(fp16 compute is the target's precision)"
+        )
     need = MIN_TARGET[qc.scheme]
     if _target_rank(tgt_name) < _target_rank(need):
         raise CrateEdgeError(f"backend coreml: {qc.scheme} needs minimum_deployment_target {need}+, not {tgt_name}")
@@ -234,7 +262,9 @@ def check_plan(plan, tgt_name: str):
         raise CrateEdgeError("backend coreml: the quantization plan has no sites")
     if qc.scheme == "int8":
         if qc.activations != "static":
-            raise CrateEdgeError("backend coreml: scheme int8 quantizes activations (activations = static); use int8_weights for weight-only")
+            raise CrateEdgeError(
+                "backend coreml: scheme int8 quantizes activations (activations = static); use int8_weights for weight-only"
+            )
         if qc.calibration not in ("max", "percentile"):
             raise CrateEdgeError(f"backend coreml: activation calibration {qc.calibration!r} is not supported; use max or percentile")
     return _weight_config(qc, tgt_name)
@@ -255,14 +285,22 @@ def _compress(mlmodel, module, plan, tgt_name: str):
         ranges = calibrate_inputs(module, plan.sites, plan.calibration, qc.calibration, qc.percentile)
         stats = {sites[s]["x"]: {"rmin": -ranges[s], "rmax": ranges[s]} for s in sites}
         # two sites never share an input var here (each site GEMM reads its own LayerNorm / attention output)
-        acfg = cto.OptimizationConfig(op_name_configs={sites[s]["linear"]: cto.OpLinearQuantizerConfig(
-            mode="linear_symmetric", dtype="int8", granularity="per_tensor", weight_threshold=0) for s in sites})
+        acfg = cto.OptimizationConfig(
+            op_name_configs={
+                sites[s]["linear"]: cto.OpLinearQuantizerConfig(
+                    mode="linear_symmetric", dtype="int8", granularity="per_tensor", weight_threshold=0
+                )
+                for s in sites
+            }
+        )
         p = insert_prefix_quantize_dequantize_pair(config=acfg)  # prefix only: site inputs, never outputs
         p.activation_stats = stats
         mlmodel = mutils._apply_graph_pass(mlmodel, [p], spec_version=ct.target.iOS17, skip_model_load=True)
-        info["activations"] = (f"int8 per-tensor symmetric at the inputs of the {len(sites)} site linears, calibrated in torch "
-                               f"({qc.calibration}{' ' + str(qc.percentile) if qc.calibration == 'percentile' else ''}) "
-                               f"on {len(plan.calibration)} training images")
+        info["activations"] = (
+            f"int8 per-tensor symmetric at the inputs of the {len(sites)} site linears, calibrated in torch "
+            f"({qc.calibration}{' ' + str(qc.percentile) if qc.calibration == 'percentile' else ''}) "
+            f"on {len(plan.calibration)} training images"
+        )
         info["activation_ranges"] = {s: round(v, 6) for s, v in sorted(ranges.items())}
     per_site = {s: wcfg for s in sites}
     if qc.scheme == "palettize" and wcfg.granularity.name == "PER_GROUPED_CHANNEL":
@@ -272,8 +310,14 @@ def _compress(mlmodel, module, plan, tgt_name: str):
             c, g = v["shape"][0], wcfg.group_size
             if c % g:
                 g2 = max(d for d in range(1, g + 1) if c % d == 0)
-                per_site[s] = cto.OpPalettizerConfig(mode=wcfg.mode, nbits=wcfg.nbits, granularity=wcfg.granularity, group_size=g2,
-                                                     enable_per_channel_scale=wcfg.enable_per_channel_scale, weight_threshold=0)
+                per_site[s] = cto.OpPalettizerConfig(
+                    mode=wcfg.mode,
+                    nbits=wcfg.nbits,
+                    granularity=wcfg.granularity,
+                    group_size=g2,
+                    enable_per_channel_scale=wcfg.enable_per_channel_scale,
+                    weight_threshold=0,
+                )
                 info.setdefault("group_size_adjusted", {})[s] = g2
     config = cto.OptimizationConfig(op_name_configs={sites[s]["weight"]: per_site[s] for s in sites})
     if qc.scheme == "palettize":
@@ -313,9 +357,13 @@ def audit_compression(prog, sites: dict[str, dict[str, str]]) -> dict:
             users = [c for c in op.outputs[0].child_ops]
             if not users or any(c.op_type != "linear" or c.name not in site_ops for c in users):
                 raise CrateEdgeError(f"coreml: activation quantization outside the site linears at {op.name}")
-    return {"linears": n_linear, "compressed_weight_linears": len(compressed), "quantized_input_linears": len(act_q),
-            "uncompressed_sites": sorted(site_ops[o] for o in set(site_ops) - compressed),
-            "weight_ops_by_site": dict(sorted(weight_chain.items()))}
+    return {
+        "linears": n_linear,
+        "compressed_weight_linears": len(compressed),
+        "quantized_input_linears": len(act_q),
+        "uncompressed_sites": sorted(site_ops[o] for o in set(site_ops) - compressed),
+        "weight_ops_by_site": dict(sorted(weight_chain.items())),
+    }
 
 
 def read_compressed(package: Path, sites: dict[str, dict[str, str]]) -> dict[str, dict]:
@@ -326,8 +374,9 @@ def read_compressed(package: Path, sites: dict[str, dict[str, str]]) -> dict[str
     from coremltools.optimize.coreml._quantization_passes import WeightDecompressor
 
     mlmodel = ct.models.MLModel(str(package), skip_model_load=True)
-    prog = mutils._apply_graph_pass(mlmodel, [WeightDecompressor(op_selector=lambda op: True)], return_pymil_prog=True,
-                                    skip_model_load=True)
+    prog = mutils._apply_graph_pass(
+        mlmodel, [WeightDecompressor(op_selector=lambda op: True)], return_pymil_prog=True, skip_model_load=True
+    )
     by_name = {op.name: op for op in _main_ops(prog) if op.op_type == "linear"}
     out = {}
     for s, v in sites.items():
@@ -405,8 +454,10 @@ class CoreMLBackend(Backend):
         if not hasattr(ct.target, tgt_name):
             raise CrateEdgeError(f"target {target.name}: unknown minimum_deployment_target {tgt_name!r}")
         if target.precision not in ("fp16", "fp32"):
-            raise CrateEdgeError(f"target {target.name}: Core ML compute precision must be fp16 or fp32 "
-                                 "(int8 weights / activations go in the [quantize] table)")
+            raise CrateEdgeError(
+                f"target {target.name}: Core ML compute precision must be fp16 or fp32 "
+                "(int8 weights / activations go in the [quantize] table)"
+            )
         units = opts.get("compute_units", "ALL")
         if not hasattr(ct.ComputeUnit, units):
             raise CrateEdgeError(f"target {target.name}: unknown compute_units {units!r}")
@@ -424,10 +475,15 @@ class CoreMLBackend(Backend):
         ep_core = ep.run_decompositions({})
         torch.export.save(ep, str(out / SOURCE))
         mlmodel = ct.convert(
-            ep_core, inputs=[ct.TensorType(name="images", shape=ct.Shape(shape), dtype=np.float32)],
+            ep_core,
+            inputs=[ct.TensorType(name="images", shape=ct.Shape(shape), dtype=np.float32)],
             outputs=[ct.TensorType(name=n, dtype=np.float32) for n in names],
-            minimum_deployment_target=getattr(ct.target, tgt_name), compute_precision=prec,
-            compute_units=getattr(ct.ComputeUnit, units), convert_to="mlprogram", skip_model_load=True)
+            minimum_deployment_target=getattr(ct.target, tgt_name),
+            compute_precision=prec,
+            compute_units=getattr(ct.ComputeUnit, units),
+            convert_to="mlprogram",
+            skip_model_load=True,
+        )
         qinfo, sites, audit = {}, None, None
         float_bytes = None
         if quant is not None:
@@ -451,8 +507,15 @@ class CoreMLBackend(Backend):
             "precision": f"output dtypes of non-const ops: {dtypes}",
             "io": f"inputs {io['inputs']}, outputs {io['outputs']}, batch {list(target.dynamic_batch or [example.shape[0]] * 2)}",
         }
-        info = {"deployment_target": tgt_name, "compute_units": units, "mil_ops": ops, "mil_dtypes": dtypes,
-                "fused_attention_ops": fused, "io": io, "package_bytes": size}
+        info = {
+            "deployment_target": tgt_name,
+            "compute_units": units,
+            "mil_ops": ops,
+            "mil_dtypes": dtypes,
+            "fused_attention_ops": fused,
+            "io": io,
+            "package_bytes": size,
+        }
         other_w = "fp16" if target.precision == "fp16" else "fp32"
         precision = {"compute": target.precision, "io": "fp32", "ops_by_dtype": by_prec, "weights": other_w}
         not_verified = {}
@@ -460,33 +523,43 @@ class CoreMLBackend(Backend):
             audit = audit_compression(prog, sites)
             n = len(sites)
             if audit["compressed_weight_linears"] != n or audit["uncompressed_sites"]:
-                raise CrateEdgeError(f"coreml: only {audit['compressed_weight_linears']} of {n} site weights were compressed "
-                                     f"(missing: {', '.join(audit['uncompressed_sites'])})")
+                raise CrateEdgeError(
+                    f"coreml: only {audit['compressed_weight_linears']} of {n} site weights were compressed "
+                    f"(missing: {', '.join(audit['uncompressed_sites'])})"
+                )
             if quant.config.scheme == "int8" and audit["quantized_input_linears"] != n:
                 raise CrateEdgeError(f"coreml: activation quantization reached {audit['quantized_input_linears']} of {n} site linears")
             comp_ops = {k: v for k, v in ops.items() if k in COMPRESSED_WEIGHT_OPS or k in ACT_QUANT_OPS}
-            info.update(quant_sites=sites, compression=audit, compression_ops=comp_ops,
-                        float_package_bytes=float_bytes, size_vs_float=round(size / float_bytes, 4))
-            precision["weights"] = {"sites": f"{qinfo['weights']} ({n} site linears: {', '.join(sorted(sites))})",
-                                    "other": other_w}
+            info.update(
+                quant_sites=sites,
+                compression=audit,
+                compression_ops=comp_ops,
+                float_package_bytes=float_bytes,
+                size_vs_float=round(size / float_bytes, 4),
+            )
+            precision["weights"] = {"sites": f"{qinfo['weights']} ({n} site linears: {', '.join(sorted(sites))})", "other": other_w}
             precision["activations"] = qinfo.get("activations", f"{target.precision} (weight-only compression)")
             if "activation_ranges" in qinfo:
                 info["activation_ranges"] = qinfo["activation_ranges"]
-            verified["compression"] = (f"{audit['compressed_weight_linears']} of {audit['linears']} MIL linears have compressed weights "
-                                       f"(exactly the {n} sites, matched by weight value); ops {comp_ops}"
-                                       + (f"; {audit['quantized_input_linears']} site linears read int8-quantized inputs"
-                                          if quant.config.scheme == "int8" else ""))
+            verified["compression"] = (
+                f"{audit['compressed_weight_linears']} of {audit['linears']} MIL linears have compressed weights "
+                f"(exactly the {n} sites, matched by weight value); ops {comp_ops}"
+                + (f"; {audit['quantized_input_linears']} site linears read int8-quantized inputs" if quant.config.scheme == "int8" else "")
+            )
         if platform.system() != "Darwin":
             if quant is None:
                 how = f"by running the exported program in torch at {target.precision}"
             else:
-                how = (f"by torch at {target.precision} on the exported program with the weights decompressed from the "
-                       ".mlpackage" + (" and its activation quantize/dequantize scales" if quant.config.scheme == "int8" else ""))
+                how = f"by torch at {target.precision} on the exported program with the weights decompressed from the .mlpackage" + (
+                    " and its activation quantize/dequantize scales" if quant.config.scheme == "int8" else ""
+                )
             not_verified["execution"] = f"Core ML predictions need macOS; numerics were checked {how}, not by Core ML"
             if quant is not None:
-                not_verified["runtime_kernels"] = ("whether Core ML on device keeps the weights compressed in memory / runs int8 "
-                                                   "arithmetic (ANE, iOS17+/iOS18) or decompresses to fp16 is decided by the runtime "
-                                                   "and was not observed")
+                not_verified["runtime_kernels"] = (
+                    "whether Core ML on device keeps the weights compressed in memory / runs int8 "
+                    "arithmetic (ANE, iOS17+/iOS18) or decompresses to fp16 is decided by the runtime "
+                    "and was not observed"
+                )
         if target.precision == "fp16":
             extra = [t for t in by_prec.get("fp32", []) if t != "cast"]
             if extra:  # ops coremltools kept in fp32 inside an fp16 program: the fp16 emulation does not model them
@@ -519,8 +592,9 @@ class CoreMLBackend(Backend):
             comp = read_compressed(art_dir / PACKAGE, sites)
             gm = load_with_program_weights(gm, comp, sites)
             acts = any("act" in c for c in comp.values())
-            what = ("the exported program with the Core ML program's decompressed weights"
-                    + (" and activation quantize/dequantize" if acts else ""))
+            what = "the exported program with the Core ML program's decompressed weights" + (
+                " and activation quantize/dequantize" if acts else ""
+            )
         if half:
             gm = gm.half()
 

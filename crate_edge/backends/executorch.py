@@ -4,6 +4,7 @@ the ExecuTorch runtime (XNNPACK for delegated work, portable kernels for anythin
 XNNPACK refuses reshapes with a symbolic size and has no broadcast (expand) op, so with a
 dynamic batch every reshape and the cls-token broadcast would stay on portable kernels and cut
 the graph into ~20 delegates. Two exact edge-graph passes below fix that before partitioning."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -13,12 +14,14 @@ import numpy as np
 import torch
 
 from ..errors import CrateEdgeError
+from ..export import export
 from .base import Backend, Compiled
 
 PROGRAM = "model.pte"
 
 
 # ------------------------------------------------------------------ edge passes
+
 
 def _sym(a) -> bool:
     return isinstance(a, (torch.fx.Node, torch.SymInt))
@@ -65,8 +68,11 @@ def broadcast_cat_as_pad(gm: torch.fx.GraphModule) -> int:
         if not (isinstance(cv.shape[dim], int) and isinstance(xv.shape[dim], int)):
             continue  # a symbolic length along the cat dim would need a symbolic pad
         # only a pure broadcast of size-1 dims, never along the cat dim
-        if cv.dim() != rank or cv.shape[dim] != ev.shape[dim] or any(
-                cv.shape[i] != 1 for i in range(rank) if i != dim and not (isinstance(ev.shape[i], int) and ev.shape[i] == cv.shape[i])):
+        if (
+            cv.dim() != rank
+            or cv.shape[dim] != ev.shape[dim]
+            or any(cv.shape[i] != 1 for i in range(rank) if i != dim and not (isinstance(ev.shape[i], int) and ev.shape[i] == cv.shape[i]))
+        ):
             continue
         nc, nx = int(cv.shape[dim]), int(xv.shape[dim])
         tail = [0, 0] * (rank - 1 - dim)  # constant_pad_nd pads from the last dim backwards
@@ -126,8 +132,7 @@ def delegation(edge_ep) -> tuple[int, dict[str, int]]:
 
 
 def _batch_is_dynamic(edge_ep) -> bool:
-    inputs = [n for n in edge_ep.graph_module.graph.nodes if n.op == "placeholder"
-              and n.name in edge_ep.graph_signature.user_inputs]
+    inputs = [n for n in edge_ep.graph_module.graph.nodes if n.op == "placeholder" and n.name in edge_ep.graph_signature.user_inputs]
     return all(isinstance(n.meta["val"].shape[0], torch.SymInt) for n in inputs)
 
 
@@ -146,7 +151,7 @@ OBSERVERS = {
     "max": "MinMaxObserver (running min/max over the calibration images)",
     "percentile": "PercentileObserver (the (100-p)th / p-th percentiles of a sample of the calibration activations)",
     "entropy": "HistogramObserver (torchao: 2048-bin histogram, range chosen to minimise the L2 quantization error; "
-               "torchao has no KL-divergence observer)",
+    "torchao has no KL-divergence observer)",
 }
 _PERCENTILE_CLS = None
 
@@ -195,8 +200,10 @@ def activation_mode(qc) -> str:
     """static | dynamic: [quantize] activations, or [quantize.options] activations."""
     mode = str(qc.options.get("activations", qc.activations))
     if mode not in ("static", "dynamic"):
-        raise CrateEdgeError(f"executorch int8: activations = {mode!r} is not supported; use \"static\" "
-                             f"(calibrated per-tensor) or \"dynamic\" (XNNPACK qd8, per-row at run time)")
+        raise CrateEdgeError(
+            f'executorch int8: activations = {mode!r} is not supported; use "static" '
+            f'(calibrated per-tensor) or "dynamic" (XNNPACK qd8, per-row at run time)'
+        )
     return mode
 
 
@@ -225,8 +232,9 @@ def quantization_config(qc):
         obs = HistogramObserver.with_args(**eps)
     else:
         raise CrateEdgeError(f"executorch int8: unknown calibration {qc.calibration!r}")
-    act = QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine,
-                           is_dynamic=False, observer_or_fake_quant_ctr=obs)
+    act = QuantizationSpec(
+        dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine, is_dynamic=False, observer_or_fake_quant_ctr=obs
+    )
     label = OBSERVERS[qc.calibration] + (f", p = {qc.percentile}" if qc.calibration == "percentile" else "")
     return QuantizationConfig(act, act, base.weight, None, False), label
 
@@ -237,7 +245,7 @@ def _stack_paths(node) -> set[str]:
         path = v[0] if isinstance(v, (tuple, list)) else str(v)
         for pre in ("L['self'].", "L__self__."):
             if path.startswith(pre):
-                path = path[len(pre):]
+                path = path[len(pre) :]
         out.add(path)
     return out
 
@@ -273,8 +281,10 @@ def _site_quantizer(paths: dict[str, str], config):
             missing = sorted(set(paths) - set(self.annotated))
             many = sorted(s for s, v in self.annotated.items() if len(v) != 1)
             if missing or many:
-                raise CrateEdgeError(f"executorch int8: site(s) without exactly one linear to quantize: {', '.join(missing + many)} "
-                                     f"(site module paths: {', '.join(paths[s] for s in missing + many)})")
+                raise CrateEdgeError(
+                    f"executorch int8: site(s) without exactly one linear to quantize: {', '.join(missing + many)} "
+                    f"(site module paths: {', '.join(paths[s] for s in missing + many)})"
+                )
 
     return SiteLinearQuantizer()
 
@@ -282,8 +292,6 @@ def _site_quantizer(paths: dict[str, str], config):
 def quantize_pt2e(module: torch.nn.Module, example: torch.Tensor, target, plan, batch: int = 32):
     """(re-exported quantized ExportedProgram, {site: [linear node]}, observer label)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
-
-    from ..compiler import export
 
     config, label = quantization_config(plan.config)
     quantizer = _site_quantizer(plan.sites, config)
@@ -352,7 +360,7 @@ def compile_int8(module, ep, example, target, out: Path, plan) -> Compiled:
 
     qc = plan.config
     if qc.scheme != "int8":
-        raise CrateEdgeError(f"backend executorch: quantize.scheme = {qc.scheme!r} is not supported; it builds \"int8\" (XNNPACK)")
+        raise CrateEdgeError(f'backend executorch: quantize.scheme = {qc.scheme!r} is not supported; it builds "int8" (XNNPACK)')
     if not plan.sites:
         raise CrateEdgeError("backend executorch: the quantization plan has no sites")
     mode = activation_mode(qc)
@@ -367,26 +375,47 @@ def compile_int8(module, ep, example, target, out: Path, plan) -> Compiled:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise CrateEdgeError(f"executorch int8 lowering failed ({type(e).__name__}: {msg[:200]})") from e
     if target.dynamic_batch is not None and not _batch_is_dynamic(edge.exported_program()):
-        raise CrateEdgeError(f"executorch int8 lowering pinned the batch to {len(example)} instead of keeping it dynamic "
-                             f"{list(target.dynamic_batch)}; set [input] dynamic_batch = false in the target")
+        raise CrateEdgeError(
+            f"executorch int8 lowering pinned the batch to {len(example)} instead of keeping it dynamic "
+            f"{list(target.dynamic_batch)}; set [input] dynamic_batch = false in the target"
+        )
     n_int8 = inv.get("int8_static_act", 0) + inv.get("int8_dynamic_act", 0)
     if n_int8 != len(plan.sites):
-        raise CrateEdgeError(f"executorch int8: XNNPACK took {n_int8} int8 linears, expected one per site ({len(plan.sites)}); "
-                             f"left outside the delegates: {left}")
+        raise CrateEdgeError(
+            f"executorch int8: XNNPACK took {n_int8} int8 linears, expected one per site ({len(plan.sites)}); "
+            f"left outside the delegates: {left}"
+        )
     (out / PROGRAM).write_bytes(pte.buffer)
     batch = f"dynamic {list(target.dynamic_batch)}" if target.dynamic_batch else f"static {len(example)}"
     w = "per-channel" if qc.weights == "per_channel" else "per-tensor"
     a = "per-tensor static" if mode == "static" else "per-row dynamic"
-    info = {"partitioner": f"XnnpackPartitioner (int8 {'qs8' if mode == 'static' else 'qd8'} linears + fp32)", "batch": batch,
-            "xnnpack_delegates": n, "outside_delegates": left, "edge_passes": prep.counts,
-            "int8": {"activations": mode, "observer": label, "quantized_sites": len(annotated),
-                     "delegated_linears": inv, "program_bytes": len(pte.buffer)}}
-    return Compiled(files=[PROGRAM], precision={"linear sites": f"int8 ({w} w, {a} a)", "*": "fp32"}, info=info,
-                    verified={"execution": "ExecuTorch runtime (XNNPACK + portable kernels) on this machine",
-                              "int8 linears": f"{n_int8} of the delegated linears take int8 weights (one per site)"})
+    info = {
+        "partitioner": f"XnnpackPartitioner (int8 {'qs8' if mode == 'static' else 'qd8'} linears + fp32)",
+        "batch": batch,
+        "xnnpack_delegates": n,
+        "outside_delegates": left,
+        "edge_passes": prep.counts,
+        "int8": {
+            "activations": mode,
+            "observer": label,
+            "quantized_sites": len(annotated),
+            "delegated_linears": inv,
+            "program_bytes": len(pte.buffer),
+        },
+    }
+    return Compiled(
+        files=[PROGRAM],
+        precision={"linear sites": f"int8 ({w} w, {a} a)", "*": "fp32"},
+        info=info,
+        verified={
+            "execution": "ExecuTorch runtime (XNNPACK + portable kernels) on this machine",
+            "int8 linears": f"{n_int8} of the delegated linears take int8 weights (one per site)",
+        },
+    )
 
 
 # ------------------------------------------------------------------ backend
+
 
 def set_threads(n: int) -> None:
     """XNNPACK's thread pool is one per process: this sets it for every loaded program."""
@@ -422,16 +451,28 @@ class ExecuTorchBackend(Backend):
             msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise CrateEdgeError(
                 f"executorch could not lower the dynamic batch {list(target.dynamic_batch)} ({type(e).__name__}: {msg[:200]}); "
-                f"set [input] dynamic_batch = false in the target to build for the static batch {len(example)}") from e
+                f"set [input] dynamic_batch = false in the target to build for the static batch {len(example)}"
+            ) from e
         if target.dynamic_batch is not None and not _batch_is_dynamic(edge.exported_program()):
-            raise CrateEdgeError(f"executorch lowering pinned the batch to {len(example)} instead of keeping it dynamic "
-                                 f"{list(target.dynamic_batch)}; set [input] dynamic_batch = false in the target to build for that batch")
+            raise CrateEdgeError(
+                f"executorch lowering pinned the batch to {len(example)} instead of keeping it dynamic "
+                f"{list(target.dynamic_batch)}; set [input] dynamic_batch = false in the target to build for that batch"
+            )
         (out / PROGRAM).write_bytes(pte.buffer)
         batch = f"dynamic {list(target.dynamic_batch)}" if target.dynamic_batch else f"static {len(example)}"
-        info = {"partitioner": "XnnpackPartitioner (fp32)", "batch": batch, "xnnpack_delegates": n,
-                "outside_delegates": left, "edge_passes": prep.counts}
-        return Compiled(files=[PROGRAM], precision={"*": "fp32"}, info=info,
-                        verified={"execution": "ExecuTorch runtime (XNNPACK + portable kernels) on this machine"})
+        info = {
+            "partitioner": "XnnpackPartitioner (fp32)",
+            "batch": batch,
+            "xnnpack_delegates": n,
+            "outside_delegates": left,
+            "edge_passes": prep.counts,
+        }
+        return Compiled(
+            files=[PROGRAM],
+            precision={"*": "fp32"},
+            info=info,
+            verified={"execution": "ExecuTorch runtime (XNNPACK + portable kernels) on this machine"},
+        )
 
     def load(self, art_dir: Path, manifest: dict):
         from executorch.runtime import Runtime

@@ -12,6 +12,7 @@ MatMulIntegerToFloat (int8 GEMM, float output). The option `quantize_all_ops = t
 policy (every op type ORT can quantize, shared Q/DQ pairs, quantized outputs): a deliberately
 bad baseline for the parity suite.
 """
+
 from __future__ import annotations
 
 import ast
@@ -42,8 +43,7 @@ def export_onnx(ep, example, path: Path, opset: int) -> None:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(ep, (example,), dynamo=True, opset_version=opset, verbose=False,
-                                 input_names=["images"], optimize=True)
+        prog = torch.onnx.export(ep, (example,), dynamo=True, opset_version=opset, verbose=False, input_names=["images"], optimize=True)
     prog.save(str(path), external_data=False)
 
 
@@ -60,6 +60,7 @@ def op_inventory(path: Path) -> dict[str, int]:
             for a in n.attribute:
                 if a.g is not None and a.g.node:
                     walk(a.g)
+
     walk(m.graph)
     return dict(sorted(counts.items()))
 
@@ -72,6 +73,7 @@ def ort_runner(path: Path, threads: int | None = None, providers: list[str] | No
 
 # ------------------------------------------------------------------ quantization helpers
 # (shared with the TensorRT backend, which builds its own explicit Q/DQ network)
+
 
 def node_scope(node) -> str | None:
     """The innermost module path a dynamo-exported node came from. Its name-scope metadata is
@@ -112,8 +114,9 @@ def site_nodes(graph, sites: dict[str, str], prefix: str = "") -> dict[str, str]
 def _ort_method(qc):
     from onnxruntime.quantization import CalibrationMethod
 
-    return {"max": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
-            "entropy": CalibrationMethod.Entropy}[qc.calibration]
+    return {"max": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile, "entropy": CalibrationMethod.Entropy}[
+        qc.calibration
+    ]
 
 
 class AmaxCalibrator:
@@ -130,8 +133,14 @@ class AmaxCalibrator:
             from onnxruntime.quantization.calibrate import HistogramCollector
 
             method = "percentile" if self.method == "percentile" else "entropy"
-            self.col = HistogramCollector(method=method, symmetric=True, num_bins=2048, num_quantized_bins=ENTROPY_QBINS,
-                                          percentile=float(qc.percentile), scenario="same")
+            self.col = HistogramCollector(
+                method=method,
+                symmetric=True,
+                num_bins=2048,
+                num_quantized_bins=ENTROPY_QBINS,
+                percentile=float(qc.percentile),
+                scenario="same",
+            )
 
     def add(self, name: str, x) -> None:
         a = np.asarray(x, dtype=np.float32)
@@ -181,8 +190,9 @@ def _calibrate(fp32_path: Path, op_types, plan, input_name: str, work: Path, cac
         opts.update(symmetric=True, percentile=float(qc.percentile), num_bins=2048)
     else:
         opts.update(symmetric=True, num_bins=2048, num_quantized_bins=ENTROPY_QBINS)
-    cal = create_calibrator(Path(fp32_path), op_types, augmented_model_path=str(work / "augmented.onnx"),
-                            calibrate_method=_ort_method(qc), extra_options=opts)
+    cal = create_calibrator(
+        Path(fp32_path), op_types, augmented_model_path=str(work / "augmented.onnx"), calibrate_method=_ort_method(qc), extra_options=opts
+    )
     cal.collect_data(_reader(input_name, plan.calibration))
     save_tensors_data(cal.compute_data(), cache)
     del cal
@@ -274,10 +284,21 @@ def quantize_int8_qdq(fp32_path: Path, out_path: Path, plan, opts: dict, input_n
     with tempfile.TemporaryDirectory(prefix="crate-ort-q-") as td, contextlib.redirect_stdout(io.StringIO()):
         tmp, cache = Path(td) / "q.onnx", Path(td) / "ranges.json"
         _calibrate(fp32_path, op_types, plan, input_name, Path(td), cache, sym)
-        quantize_static(str(fp32_path), str(tmp), None, quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=op_types, per_channel=per_channel, reduce_range=reduce_range,
-                        activation_type=qt[act], weight_type=qt[wt], nodes_to_quantize=nodes,
-                        calibrate_method=_ort_method(qc), extra_options=extra, calibration_cache_path=str(cache))
+        quantize_static(
+            str(fp32_path),
+            str(tmp),
+            None,
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=op_types,
+            per_channel=per_channel,
+            reduce_range=reduce_range,
+            activation_type=qt[act],
+            weight_type=qt[wt],
+            nodes_to_quantize=nodes,
+            calibrate_method=_ort_method(qc),
+            extra_options=extra,
+            calibration_cache_path=str(cache),
+        )
         q = onnx.load(str(tmp))
     rewired = 0 if all_ops else _restore_float_consumers(q, set(site_map.values()))
     onnx.save(q, str(out_path))
@@ -289,11 +310,20 @@ def quantize_int8_qdq(fp32_path: Path, out_path: Path, plan, opts: dict, input_n
         unq = sorted(s for s, n in site_map.items() if n not in summ["nodes"])
         if unq:
             raise CrateEdgeError(f"onnxruntime int8: sites left unquantized: {', '.join(unq)}")
-    return {"tool": "onnxruntime.quantization.quantize_static (QDQ)", "activation_type": act, "weight_type": wt,
-            "activation_symmetric": sym, "reduce_range": reduce_range, "per_channel": per_channel,
-            "calibration_method": _ort_method(qc).name, "policy": "all_ops (deliberately bad)" if all_ops else "crate",
-            "op_types_quantized": op_types, "site_nodes": site_map, "float_inputs_restored": rewired,
-            "qdq_consumers": summ["by_op"]}
+    return {
+        "tool": "onnxruntime.quantization.quantize_static (QDQ)",
+        "activation_type": act,
+        "weight_type": wt,
+        "activation_symmetric": sym,
+        "reduce_range": reduce_range,
+        "per_channel": per_channel,
+        "calibration_method": _ort_method(qc).name,
+        "policy": "all_ops (deliberately bad)" if all_ops else "crate",
+        "op_types_quantized": op_types,
+        "site_nodes": site_map,
+        "float_inputs_restored": rewired,
+        "qdq_consumers": summ["by_op"],
+    }
 
 
 class ONNXRuntimeBackend(Backend):
@@ -323,14 +353,21 @@ class ONNXRuntimeBackend(Backend):
             export_onnx(ep, example, out / MODEL, opset)
             ops = op_inventory(out / MODEL)
             gap = provider_gap(target.options.get("providers"))
-            return Compiled(files=[MODEL], precision={"*": "fp32"}, info={"opset": opset, "ops": ops, "device": target.device},
-                            verified={"execution": "the same ONNX file on onnxruntime's CPU provider (parity)" if gap
-                                      else "onnxruntime on this machine"},
-                            not_verified={"execution": gap} if gap else {})
+            return Compiled(
+                files=[MODEL],
+                precision={"*": "fp32"},
+                info={"opset": opset, "ops": ops, "device": target.device},
+                verified={
+                    "execution": "the same ONNX file on onnxruntime's CPU provider (parity)" if gap else "onnxruntime on this machine"
+                },
+                not_verified={"execution": gap} if gap else {},
+            )
         qc = quant.config
         if qc.scheme != "int8" or qc.activations != "static":
-            raise CrateEdgeError(f"target {target.name}: onnxruntime quantizes scheme int8 with static activations only "
-                                 f"(got scheme {qc.scheme}, activations {qc.activations})")
+            raise CrateEdgeError(
+                f"target {target.name}: onnxruntime quantizes scheme int8 with static activations only "
+                f"(got scheme {qc.scheme}, activations {qc.activations})"
+            )
         opts = {**target.options, **qc.options}
         with tempfile.TemporaryDirectory(prefix="crate-ort-") as td:
             fp32 = Path(td) / "fp32.onnx"
@@ -339,12 +376,17 @@ class ONNXRuntimeBackend(Backend):
         ops = op_inventory(out / MODEL)
         if qinfo["policy"] == "crate":
             prec = {"*": "fp32 (LayerNorm, Attention with its softmax, residual adds, ISTA identity path, threshold, ReLU)"}
-            prec.update({s: f"int8 GEMM (weights {qc.weights}, activations per_tensor {qinfo['activation_type']})"
-                         for s in qinfo["site_nodes"]})
+            prec.update(
+                {s: f"int8 GEMM (weights {qc.weights}, activations per_tensor {qinfo['activation_type']})" for s in qinfo["site_nodes"]}
+            )
         else:
             prec = {"*": "int8 wherever onnxruntime quantizes (quantize_all_ops: " + ", ".join(qinfo["op_types_quantized"]) + ")"}
-        return Compiled(files=[MODEL], precision=prec, info={"opset": opset, "ops": ops, "quantized": qinfo},
-                        verified={"execution": "onnxruntime on this machine"})
+        return Compiled(
+            files=[MODEL],
+            precision=prec,
+            info={"opset": opset, "ops": ops, "quantized": qinfo},
+            verified={"execution": "onnxruntime on this machine"},
+        )
 
     def load(self, art_dir: Path, manifest: dict):
         opts = manifest["target"]["definition"].get("options", {})
@@ -352,5 +394,6 @@ class ONNXRuntimeBackend(Backend):
 
     def reference_runner(self, art_dir: Path, manifest: dict):
         """A GPU-provider artifact on a host without that provider: the same file on the CPU provider."""
-        return ort_runner(art_dir / MODEL, None, ["CPUExecutionProvider"]), \
-            "onnxruntime CPU provider on the same ONNX file, not the CUDA provider"
+        return ort_runner(
+            art_dir / MODEL, None, ["CPUExecutionProvider"]
+        ), "onnxruntime CPU provider on the same ONNX file, not the CUDA provider"

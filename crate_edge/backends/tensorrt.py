@@ -11,6 +11,7 @@ The ONNX network's numerics are checked here with ONNX Runtime (labelled as such
 int8 / fp8 targets (a [quantize] table) get an explicit Q/DQ network: the fp16 network with
 QuantizeLinear/DequantizeLinear on the inputs of CRATE's site GEMMs only (see insert_qdq).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -20,9 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..calibration import feed_site_inputs
 from ..errors import BackendUnavailable, CrateEdgeError
+from ..export import export
 from .base import Backend, Compiled
-from .onnxruntime import export_onnx, op_inventory, ort_runner, qdq_summary, site_nodes
+from .onnxruntime import AmaxCalibrator, export_onnx, op_inventory, ort_runner, qdq_summary, site_nodes
 
 ONNX, ENGINE, CACHE, SCRIPT = "model.onnx", "model.engine", "timing.cache", "build_engine.sh"
 
@@ -31,10 +34,48 @@ ONNX, ENGINE, CACHE, SCRIPT = "model.onnx", "model.engine", "timing.cache", "bui
 # Deliberately a short list: an exported op outside it fails the compile here rather than the
 # engine build on the GPU host.
 PARSER_OPS = {
-    "Add", "Attention", "Cast", "Concat", "Constant", "ConstantOfShape", "DequantizeLinear", "Div", "Equal", "Erf",
-    "Expand", "Flatten", "Gather", "Gemm", "Identity", "LayerNormalization", "MatMul", "Mul", "Pow", "QuantizeLinear",
-    "ReduceMean", "Relu", "Reshape", "Shape", "Slice", "Softmax", "Split", "Sqrt", "Squeeze", "Sub", "Transpose",
-    "Unsqueeze", "Where", "Range", "Reciprocal", "Tile", "Max", "Min", "Clip", "Sigmoid", "Tanh", "Neg",
+    "Add",
+    "Attention",
+    "Cast",
+    "Concat",
+    "Constant",
+    "ConstantOfShape",
+    "DequantizeLinear",
+    "Div",
+    "Equal",
+    "Erf",
+    "Expand",
+    "Flatten",
+    "Gather",
+    "Gemm",
+    "Identity",
+    "LayerNormalization",
+    "MatMul",
+    "Mul",
+    "Pow",
+    "QuantizeLinear",
+    "ReduceMean",
+    "Relu",
+    "Reshape",
+    "Shape",
+    "Slice",
+    "Softmax",
+    "Split",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "Transpose",
+    "Unsqueeze",
+    "Where",
+    "Range",
+    "Reciprocal",
+    "Tile",
+    "Max",
+    "Min",
+    "Clip",
+    "Sigmoid",
+    "Tanh",
+    "Neg",
 }
 
 
@@ -64,7 +105,7 @@ class _Typed(torch.nn.Module):
 #     is the scale type, so the GEMM stays fp16 in, fp16 out.
 # No Q/DQ goes around the attention: TensorRT's fused MHA in Q/DQ mode wants Q/DQ on the BMM
 # inputs (w for w w^T, and the softmax output for A w). CRATE keeps both products and the
-# softmax in float (q = k = v multiplies the error of w by itself; design.md), so the ONNX
+# softmax in float (q = k = v multiplies the error of w by itself), so the ONNX
 # Attention op gets plain fp16 inputs and TensorRT runs its fp16 fused attention kernel. Nor
 # around LayerNorm, the residual adds, the ISTA identity path, threshold and ReLU.
 
@@ -74,9 +115,6 @@ QMAX = {"int8": 127.0, "fp8": 448.0}
 def calibrate_sites(module, plan, bs: int = 32) -> dict[str, float]:
     """Per-tensor amax of each site GEMM's input on plan.calibration (fp32 eager module, forward
     pre-hooks on the site modules), with the calibrator the config names."""
-    from .onnxruntime import AmaxCalibrator
-
-    from ..quantize import feed_site_inputs
 
     cal = AmaxCalibrator(plan.config)
     feed_site_inputs(module, plan.sites, plan.calibration.float(), lambda s, x: cal.add(s, x.float().numpy()), bs)
@@ -141,8 +179,9 @@ def insert_qdq(model, site_map: dict[str, str], amax: dict[str, float], scheme: 
         wname = node.input[1]
         if wname not in inits:
             p = prod.get(wname)
-            raise CrateEdgeError(f"site {site}: weight of {node.op_type} {nname} is not an initializer "
-                                 f"(produced by {p.op_type if p is not None else '?'})")
+            raise CrateEdgeError(
+                f"site {site}: weight of {node.op_type} {nname} is not an initializer (produced by {p.op_type if p is not None else '?'})"
+            )
         w = numpy_helper.to_array(inits[wname])
         if w.ndim != 2:
             raise CrateEdgeError(f"site {site}: weight of {nname} has rank {w.ndim}, expected 2")
@@ -171,11 +210,16 @@ def insert_qdq(model, site_map: dict[str, str], amax: dict[str, float], scheme: 
         node.input[0], node.input[1] = f"{pre}.x_dq", f"{pre}.w_dq"
         new_nodes[nname] = [q, dq, wdq]
         ws = w_scale.astype(np.float32)
-        info[site] = {"node": nname, "op": node.op_type, "weight_axis": axis if per_channel else None,
-                      "x_amax": float(amax[site]), "x_scale": float(a_scale),
-                      "w_scale_min": float(ws.min()), "w_scale_max": float(ws.max()),
-                      "scales_subnormal": int((np.abs(np.append(ws, float(a_scale))) < np.finfo(np.float16).tiny).sum())
-                      if sdt == np.float16 else 0}
+        info[site] = {
+            "node": nname,
+            "op": node.op_type,
+            "weight_axis": axis if per_channel else None,
+            "x_amax": float(amax[site]),
+            "x_scale": float(a_scale),
+            "w_scale_min": float(ws.min()),
+            "w_scale_max": float(ws.max()),
+            "scales_subnormal": int((np.abs(np.append(ws, float(a_scale))) < np.finfo(np.float16).tiny).sum()) if sdt == np.float16 else 0,
+        }
     # drop float weights no node reads any more; insert the Q/DQ nodes before their consumers
     used = {t for n in g.node for t in n.input}
     keep = [i for i in g.initializer if i.name in used or i.name.startswith("crate_qdq.")]
@@ -218,8 +262,10 @@ class TensorRTBackend(Backend):
         if quant is not None:
             qc = quant.config
             if qc.scheme not in QMAX or qc.activations != "static":
-                raise CrateEdgeError(f"target {target.name}: TensorRT quantizes scheme int8 or fp8 with static activations "
-                                     f"(explicit Q/DQ); got scheme {qc.scheme}, activations {qc.activations}")
+                raise CrateEdgeError(
+                    f"target {target.name}: TensorRT quantizes scheme int8 or fp8 with static activations "
+                    f"(explicit Q/DQ); got scheme {qc.scheme}, activations {qc.activations}"
+                )
             if qc.scheme == "fp8" and opset < 19:
                 raise CrateEdgeError(f"target {target.name}: float8 QuantizeLinear needs ONNX opset >= 19 (options.opset = {opset})")
             net = str(target.options.get("network_precision", "fp16"))
@@ -231,8 +277,6 @@ class TensorRTBackend(Backend):
             raise CrateEdgeError(f"target {target.name}: precision {prec} needs the quantization flow (a [quantize] table: int8/fp8 Q/DQ)")
         prefix = ""
         if prec == "fp16":
-            from ..compiler import export
-
             module = _Typed(module, torch.float16)
             prefix = "module."
             ep = export(module, example, target.dynamic_batch)
@@ -248,8 +292,13 @@ class TensorRTBackend(Backend):
             stray = sorted(set(placement["nodes"]) - set(smap.values()))
             if stray:
                 raise CrateEdgeError(f"target {target.name}: Q/DQ reached non-site nodes {', '.join(stray[:5])}")
-            qinfo = {"scheme": quant.config.scheme, "qdq_dtype": "int8" if quant.config.scheme == "int8" else "float8e4m3fn",
-                     "network": prec, "sites": sites, "qdq_consumers": placement["by_op"]}
+            qinfo = {
+                "scheme": quant.config.scheme,
+                "qdq_dtype": "int8" if quant.config.scheme == "int8" else "float8e4m3fn",
+                "network": prec,
+                "sites": sites,
+                "qdq_consumers": placement["by_op"],
+            }
         ops = op_inventory(out / ONNX)
         bad = sorted(set(ops) - PARSER_OPS)
         if bad:
@@ -259,23 +308,38 @@ class TensorRTBackend(Backend):
         need = "TensorRT >= 10.14"
         if qinfo is not None and qinfo["scheme"] == "fp8":
             need += " and an FP8 GPU (compute capability >= 8.9: Ada, Hopper, Blackwell)"
-        (out / SCRIPT).write_text(f"#!/usr/bin/env bash\n# Build the TensorRT engine on a GPU host with {need} installed.\n"
-                                  "set -euo pipefail\ncd \"$(dirname \"$0\")\"\n" + cmd + "\n")
+        (out / SCRIPT).write_text(
+            f"#!/usr/bin/env bash\n# Build the TensorRT engine on a GPU host with {need} installed.\n"
+            'set -euo pipefail\ncd "$(dirname "$0")"\n' + cmd + "\n"
+        )
         (out / SCRIPT).chmod(0o755)
         files = [ONNX, SCRIPT]
-        verified = {"onnx_network": f"opset {opset}, {sum(ops.values())} nodes, every op in TensorRT's parser list",
-                    "numerics": "ONNX Runtime (CPU) on the exact ONNX network handed to TensorRT"}
+        verified = {
+            "onnx_network": f"opset {opset}, {sum(ops.values())} nodes, every op in TensorRT's parser list",
+            "numerics": "ONNX Runtime (CPU) on the exact ONNX network handed to TensorRT",
+        }
         not_verified = {}
-        info = {"opset": opset, "ops": ops, "fused_attention_ops": ops.get("Attention", 0), "strongly_typed": True,
-                "shapes": shapes, "build_command": cmd}
+        info = {
+            "opset": opset,
+            "ops": ops,
+            "fused_attention_ops": ops.get("Attention", 0),
+            "strongly_typed": True,
+            "shapes": shapes,
+            "build_command": cmd,
+        }
         precision = {"network": prec, "io": "fp32"}
         if qinfo is not None:
             info["quantized"] = qinfo
-            verified["qdq_placement"] = (f"Q/DQ ({qinfo['qdq_dtype']}) only on the inputs of the {len(qinfo['sites'])} site GEMMs; "
-                                         "none around Attention, LayerNormalization, Softmax, adds")
-            precision.update({s: f"{qinfo['scheme']} GEMM (weights {quant.config.weights}, activations per_tensor)" for s in qinfo["sites"]})
-            not_verified["tensorrt_kernels"] = ("which GEMMs TensorRT actually runs in " + qinfo["scheme"] +
-                                                " (check the engine's layer information on the GPU host)")
+            verified["qdq_placement"] = (
+                f"Q/DQ ({qinfo['qdq_dtype']}) only on the inputs of the {len(qinfo['sites'])} site GEMMs; "
+                "none around Attention, LayerNormalization, Softmax, adds"
+            )
+            precision.update(
+                {s: f"{qinfo['scheme']} GEMM (weights {quant.config.weights}, activations per_tensor)" for s in qinfo["sites"]}
+            )
+            not_verified["tensorrt_kernels"] = (
+                "which GEMMs TensorRT actually runs in " + qinfo["scheme"] + " (check the engine's layer information on the GPU host)"
+            )
         ok, why = self.can_run()
         if ok:
             self._build_engine(out, shapes, target)
@@ -297,8 +361,16 @@ class TensorRTBackend(Backend):
 
     @staticmethod
     def trtexec_command(shapes, target) -> str:
-        args = ["trtexec", f"--onnx={ONNX}", "--stronglyTyped", f"--saveEngine={ENGINE}", f"--timingCacheFile={CACHE}",
-                f"--minShapes={shapes['min']}", f"--optShapes={shapes['opt']}", f"--maxShapes={shapes['max']}"]
+        args = [
+            "trtexec",
+            f"--onnx={ONNX}",
+            "--stronglyTyped",
+            f"--saveEngine={ENGINE}",
+            f"--timingCacheFile={CACHE}",
+            f"--minShapes={shapes['min']}",
+            f"--optShapes={shapes['opt']}",
+            f"--maxShapes={shapes['max']}",
+        ]
         if "workspace_mib" in target.options:
             args.append(f"--memPoolSize=workspace:{int(target.options['workspace_mib'])}M")
         return " ".join(shlex.quote(a) for a in args)
@@ -364,5 +436,6 @@ class TensorRTBackend(Backend):
     def reference_runner(self, art_dir: Path, manifest: dict):
         if importlib.util.find_spec("onnxruntime") is None:
             return None
-        return ort_runner(art_dir / ONNX, threads=None, providers=["CPUExecutionProvider"]), \
-            "onnxruntime CPU on the ONNX network handed to TensorRT, not TensorRT"
+        return ort_runner(
+            art_dir / ONNX, threads=None, providers=["CPUExecutionProvider"]
+        ), "onnxruntime CPU on the ONNX network handed to TensorRT, not TensorRT"

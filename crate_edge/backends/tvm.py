@@ -1,7 +1,7 @@
 """Apache TVM (Relax): torch.export -> Relax (from_exported_program, dynamic batch kept) -> one
 shared library run by the Relax VM, for a CPU (llvm) or a CUDA target.
 
-TVM's default CPU pipeline schedules nothing (design.md section 5: ~30x slower than eager), and
+TVM's default CPU pipeline schedules nothing (measured ~30x slower than eager), and
 this wheel's dlight CPU rules have no matmul. So the CPU build schedules every kernel itself:
 
   * every matmul (linear layers and both attention matmuls) as a register-tiled GEMM: a 6x16
@@ -28,6 +28,7 @@ Options (target.options):
                artifact's tuning_db/, where new records are also written)
   threads      runtime threads (default: TVM's, one per core)
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..calibration import feed_site_inputs
 from ..errors import BackendUnavailable, CrateEdgeError
 from ..runtimes import tvm_vm_runner
 from .base import Backend, Compiled
@@ -56,14 +58,17 @@ def _say(msg: str) -> None:
 
 # ------------------------------------------------------------------ targets
 
+
 def make_target(spec):
     """tvm.target.Target from the target table; llvm mcpu "native" becomes this CPU's name."""
     import tvm
     from tvm.target import codegen
 
     if not isinstance(spec, dict) or "kind" not in spec:
-        raise CrateEdgeError(f"tvm: options.target must be a table such as {{kind = \"llvm\", mcpu = \"native\"}}, got {spec!r} "
-                             "(TVM 0.27 rejects target strings)")
+        raise CrateEdgeError(
+            f'tvm: options.target must be a table such as {{kind = "llvm", mcpu = "native"}}, got {spec!r} '
+            "(TVM 0.27 rejects target strings)"
+        )
     spec = dict(spec)
     host = spec.pop("host", None)
     if spec["kind"] == "llvm":
@@ -81,6 +86,7 @@ def make_target(spec):
 
 
 # ------------------------------------------------------------------ CPU schedules
+
 
 def _softmax_legalize(bb, call):
     """softmax with topi.fast_exp: the default te.exp becomes a scalar expf call per element."""
@@ -212,6 +218,7 @@ def cpu_rules():
 
 # ------------------------------------------------------------------ MetaSchedule
 
+
 def _ms_target(target):
     import tvm
 
@@ -263,8 +270,10 @@ def _measure(sch, target) -> list[float] | None:
         with tvm.transform.PassContext(opt_level=3, config={"s_tir.LoopPartition": {"partition_const_loop": True}}):
             lib = tvm.compile(tvm.IRModule({"main": sch.mod["main"].with_attr("global_symbol", "main")}), target=target).jit()
         rng = np.random.default_rng(0)
-        args = [tvm.runtime.tensor(rng.uniform(size=[int(d) for d in a.shape]).astype(a.dtype))
-                for a in ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])]
+        args = [
+            tvm.runtime.tensor(rng.uniform(size=[int(d) for d in a.shape]).astype(a.dtype))
+            for a in ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])
+        ]
         return [float(lib.time_evaluator("main", tvm.cpu(), number=3, repeat=1, min_repeat_ms=100)(*args).mean)]
     except Exception:  # a kernel we cannot time keeps MetaSchedule's record
         return None
@@ -314,15 +323,13 @@ def _run_tuning(db, mst, todo, trials: int, db_dir: Path, rules, reused: int) ->
     logs = db_dir.parent / ".tvm_tuning_logs"  # MetaSchedule's logs stay out of the artifact
     # few trials: random replay (the evolutionary search's cost model has nothing to learn from)
     strategy = "replay-trace" if trials < 128 else "evolutionary"
-    _say(f"MetaSchedule ({strategy}): {trials} trials over {len(todo)} kernels, heaviest first "
-         f"({reused} kernels reused from the database)")
+    _say(f"MetaSchedule ({strategy}): {trials} trials over {len(todo)} kernels, heaviest first ({reused} kernels reused from the database)")
     # MetaSchedule logs every step to stdout; our progress lines on stderr replace that
     ms_log = logging.getLogger("tvm.s_tir.meta_schedule")
     level = ms_log.level
     ms_log.setLevel(logging.ERROR)
     try:
-        ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, work_dir=str(logs), strategy=strategy,
-                                                                              num_threads=1)
+        ctxs, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(todo, work_dir=str(logs), strategy=strategy, num_threads=1)
         # each build starts a worker that imports TVM (and its tensor intrinsics: see above)
         builder = ms.builder.LocalBuilder(max_workers=1, timeout_sec=600, initializer=_import_tensor_intrin)
         runner = ms.runner.LocalRunner(timeout_sec=600)
@@ -337,9 +344,17 @@ def _run_tuning(db, mst, todo, trials: int, db_dir: Path, rules, reused: int) ->
                     t = f"{1e3 * float(np.mean([float(s) for s in r.run_secs])):.3f} ms" if ok else "failed"
                     _say(f"trial {seen['n']}/{trials} {ctxs[task_id].task_name}: {t} ({time.time() - seen['t0']:.0f} s)")
 
-        ms.tune_tasks(tasks=ctxs, task_weights=weights, work_dir=str(logs), max_trials_global=trials,
-                      num_trials_per_iter=min(64, trials), builder=builder, runner=runner,
-                      database=db, measure_callbacks=list(ms.measure_callback.MeasureCallback.create("default")) + [Progress()])
+        ms.tune_tasks(
+            tasks=ctxs,
+            task_weights=weights,
+            work_dir=str(logs),
+            max_trials_global=trials,
+            num_trials_per_iter=min(64, trials),
+            builder=builder,
+            runner=runner,
+            database=db,
+            measure_callbacks=list(ms.measure_callback.MeasureCallback.create("default")) + [Progress()],
+        )
     finally:
         ms_log.setLevel(level)
         shutil.rmtree(logs, ignore_errors=True)
@@ -357,14 +372,17 @@ def _run_tuning(db, mst, todo, trials: int, db_dir: Path, rules, reused: int) ->
         sch = next((s for s in (r.apply(m["main"], mst, False) for r in rules) if s is not None), None)
         mine = _measure(sch, mst) if sch is not None else None
         if mine is not None:
-            db.commit_tuning_record(ms.database.TuningRecord(sch.trace, wl, mine, mst,
-                                                             ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])))
+            db.commit_tuning_record(ms.database.TuningRecord(sch.trace, wl, mine, mst, ms.arg_info.ArgInfo.from_prim_func(sch.mod["main"])))
         d_s = float(np.mean(mine)) if mine else None
-        kernels[t.task_name] = {"metaschedule_ms": round(1e3 * ms_s, 4) if ms_ok else None,
-                                "default_ms": round(1e3 * d_s, 4) if d_s else None,
-                                "kept": "metaschedule" if ms_ok and (d_s is None or ms_s < d_s) else "default"}
-    _say(f"MetaSchedule: {sum(k['kept'] == 'metaschedule' for k in kernels.values())} of {len(kernels)} tuned kernels "
-         "beat the default schedule")
+        kernels[t.task_name] = {
+            "metaschedule_ms": round(1e3 * ms_s, 4) if ms_ok else None,
+            "default_ms": round(1e3 * d_s, 4) if d_s else None,
+            "kept": "metaschedule" if ms_ok and (d_s is None or ms_s < d_s) else "default",
+        }
+    _say(
+        f"MetaSchedule: {sum(k['kept'] == 'metaschedule' for k in kernels.values())} of {len(kernels)} tuned kernels "
+        "beat the default schedule"
+    )
     return {"tuned": tuned, "kernels": kernels}
 
 
@@ -440,12 +458,16 @@ def _qgemm_int8(K: int, N: int, name: str):
             for r in T.unroll(rows):
                 for h in T.unroll(2):
                     acc[T.ramp(r * 16 + h * 8, 1, 8)] = acc[T.ramp(r * 16 + h * 8, 1, 8)] + T.call_llvm_pure_intrin(
-                        "int32x8", PMADD, T.reinterpret("int16x16", T.broadcast(A[i0 + r, kp], 8)),
-                        T.cast(W.vload([p, kp, h * 16], "int8x16"), "int16x16"))
+                        "int32x8",
+                        PMADD,
+                        T.reinterpret("int16x16", T.broadcast(A[i0 + r, kp], 8)),
+                        T.cast(W.vload([p, kp, h * 16], "int8x16"), "int16x16"),
+                    )
         for r in T.unroll(rows):
             for h in T.unroll(2):
-                C[i0 + r, T.ramp(p * 16 + h * 8, 1, 8)] = (T.cast(acc[T.ramp(r * 16 + h * 8, 1, 8)], "float32x8")
-                                                          * s.vload([p * 16 + h * 8], "float32x8"))
+                C[i0 + r, T.ramp(p * 16 + h * 8, 1, 8)] = T.cast(acc[T.ramp(r * 16 + h * 8, 1, 8)], "float32x8") * s.vload(
+                    [p * 16 + h * 8], "float32x8"
+                )
 
     @T.prim_func(s_tir=True)
     def qgemm(a: T.handle, W: T.Buffer((NP, KP, 32), "int8"), s: T.Buffer((NPAD,), "float32"), c: T.handle):
@@ -525,8 +547,6 @@ def calibrate(module, plan) -> dict[str, float]:
         k = min(a.numel(), int(math.ceil(a.numel() * nb * frac)) + 1)
         tops[site].append(torch.topk(a, k).values)
 
-    from ..quantize import feed_site_inputs
-
     feed_site_inputs(module, plan.sites, x, observe, bs)
     scales = {}
     for s in plan.sites:
@@ -547,11 +567,13 @@ def quantize_module(mod, module, plan, target):
 
     qc = plan.config
     if qc.scheme not in QUANT_SCHEMES:
-        raise CrateEdgeError(f"tvm: quantize.scheme = {qc.scheme!r} is not implemented by the TVM backend (implemented: "
-                             f"{', '.join(QUANT_SCHEMES)}; int8_weights and fp16/bf16 storage measured no faster than fp32 "
-                             "on an AVX2 CPU, see crate_edge/backends/tvm.py)")
+        raise CrateEdgeError(
+            f"tvm: quantize.scheme = {qc.scheme!r} is not implemented by the TVM backend (implemented: "
+            f"{', '.join(QUANT_SCHEMES)}; int8_weights and fp16/bf16 storage measured no faster than fp32 "
+            "on an AVX2 CPU, see crate_edge/backends/tvm.py)"
+        )
     if qc.activations != "static":
-        raise CrateEdgeError("tvm: scheme int8 needs quantize.activations = \"static\"")
+        raise CrateEdgeError('tvm: scheme int8 needs quantize.activations = "static"')
     if qc.nbits != 8:
         raise CrateEdgeError(f"tvm: quantize.nbits = {qc.nbits}; the int8 kernel takes 8")
     if target.kind.name != "llvm":
@@ -605,8 +627,13 @@ def quantize_module(mod, module, plan, target):
             x2 = self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([m, K])))
             xq = self.builder_.emit(self.builder_.call_te(_quantize_act, x2, sa, primfunc_name_hint="quantize_act"))
             npad = packed.shape[0] * 16
-            y = self.builder_.emit(relax.call_tir(self.kernels[key], [xq, relax.const(packed), relax.const((sw * sa).astype(np.float32))],
-                                                  relax.TensorType([m, npad], "float32")))
+            y = self.builder_.emit(
+                relax.call_tir(
+                    self.kernels[key],
+                    [xq, relax.const(packed), relax.const((sw * sa).astype(np.float32))],
+                    relax.TensorType([m, npad], "float32"),
+                )
+            )
             if npad != N:
                 y = self.builder_.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[N]))
             found[site] = {"k": K, "n": N, "activation_scale": sa}
@@ -640,6 +667,7 @@ def _const_bytes(mod) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------ build
+
 
 def _import(ep):
     """Relax module from the ExportedProgram. Without torch's decompositions SDPA arrives as one
@@ -681,8 +709,13 @@ def _op_inventory(mod) -> dict[str, int]:
 def _fuse_passes(target):
     from tvm import relax
 
-    return [relax.transform.LegalizeOps(legalize_map(target)), relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    return [
+        relax.transform.LegalizeOps(legalize_map(target)),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
 
 
 def _unmark_handwritten():
@@ -694,8 +727,12 @@ def _unmark_handwritten():
     @tvm.transform.module_pass(opt_level=0, name="UnmarkHandwritten")
     def f(mod, _ctx):
         for gv, func in list(mod.functions_items()):
-            if isinstance(func, tirx.PrimFunc) and func.attrs is not None and HANDWRITTEN in func.attrs \
-                    and "layout_free_buffers" in func.attrs:
+            if (
+                isinstance(func, tirx.PrimFunc)
+                and func.attrs is not None
+                and HANDWRITTEN in func.attrs
+                and "layout_free_buffers" in func.attrs
+            ):
                 mod[gv] = func.without_attr("layout_free_buffers")
         return mod
 
@@ -720,8 +757,13 @@ def build(mod, target, db_dir: Path | None = None):
             passes = _fuse_passes(target)
             if db_dir is not None:  # tuned kernels first; they are then marked scheduled
                 passes.append(relax.transform.MetaScheduleApplyDatabase())
-            passes += [relax.transform.AttachAttrLayoutFreeBuffers(), _unmark_handwritten(), dl.ApplyDefaultSchedule(*cpu_rules()),
-                       relax.transform.SplitLayoutRewritePreproc(), relax.transform.FoldConstant()]
+            passes += [
+                relax.transform.AttachAttrLayoutFreeBuffers(),
+                _unmark_handwritten(),
+                dl.ApplyDefaultSchedule(*cpu_rules()),
+                relax.transform.SplitLayoutRewritePreproc(),
+                relax.transform.FoldConstant(),
+            ]
             passes += cpu.dataflow_lower_passes(target) + cpu.finalize_passes(target)
             pipeline = tvm.transform.Sequential(passes)
         else:
@@ -785,7 +827,9 @@ class TVMBackend(Backend):
         if trials and target.dynamic_batch is not None:
             raise CrateEdgeError("tvm: tune_trials needs a static batch (input.dynamic_batch = false): MetaSchedule tunes concrete shapes")
 
-        if device == "cuda" and not (shutil.which("nvcc") or os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))):
+        if device == "cuda" and not (
+            shutil.which("nvcc") or os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
+        ):
             raise BackendUnavailable("backend tvm unavailable: a cuda target compiles its kernels with nvcc, which is not on PATH")
         t0 = time.time()
         mod, how = _import(ep)
@@ -827,8 +871,9 @@ class TVMBackend(Backend):
         be = manifest["backend"]
         device = be.get("device", "cpu")
         if device == "cuda" and not _has_gpu():
-            raise BackendUnavailable(f"{art_dir} is a TVM CUDA build and this machine has no CUDA GPU "
-                                     "(run it on a GPU host with the TVM runtime)")
+            raise BackendUnavailable(
+                f"{art_dir} is a TVM CUDA build and this machine has no CUDA GPU (run it on a GPU host with the TVM runtime)"
+            )
         opts = manifest["target"]["definition"].get("options", {})
         return vm_runner(art_dir / LIBRARY, device, be.get("static_batch"), opts.get("threads"))
 
@@ -836,5 +881,7 @@ class TVMBackend(Backend):
         be = manifest["backend"]
         if be.get("device") != "cuda" or not (art_dir / CPU_TWIN).exists():
             return None
-        return (vm_runner(art_dir / CPU_TWIN, "cpu", be.get("static_batch")),
-                "TVM llvm build of the same Relax module on this CPU, not the CUDA library")
+        return (
+            vm_runner(art_dir / CPU_TWIN, "cpu", be.get("static_batch")),
+            "TVM llvm build of the same Relax module on this CPU, not the CUDA library",
+        )
