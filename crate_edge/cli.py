@@ -324,7 +324,7 @@ def quantize_cmd(target, model, out, data, limit, calibration_data, calibration_
     holds; writes the artifact with OUT/search.json (every attempt). Exits 1 if nothing passes
     (the best configuration is saved anyway).
 
-    Python: crate_edge.quantize.search(model, target, out, budget=...)"""
+    Python: crate_edge.search.search(model, target, out, budget=...)"""
     from .search import search
 
     bud = {}
