@@ -1,12 +1,33 @@
 """crate-edge: take a CRATE white-box transformer from training to TensorRT, TVM, Core ML,
-ExecuTorch, ONNX Runtime and AOTInductor, with proof of parity and measured speed."""
+ExecuTorch, ONNX Runtime and AOTInductor, with proof of parity and measured speed.
+
+Importing the package imports no torch: the model and checkpoint names below load their
+modules on first use, so that a device with only an artifact's runtime can use
+crate_edge.runtime."""
 
 from __future__ import annotations
 
+import importlib
+
 from ._version import __version__
-from .checkpoint import import_checkpoint, load_model, save_model
 from .errors import BackendUnavailable, CrateEdgeError
-from .model import CRATE, VARIANTS, CrateConfig, create_model, list_variants
+
+_LAZY = {
+    "import_checkpoint": "checkpoint",
+    "load_model": "checkpoint",
+    "save_model": "checkpoint",
+    "CRATE": "model",
+    "VARIANTS": "model",
+    "CrateConfig": "model",
+    "create_model": "model",
+    "list_variants": "model",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'crate_edge' has no attribute {name!r}")
 
 
 def evaluate(model, data="fashion-mnist:test", batch_size: int = 256, progress: bool = False) -> dict:
@@ -26,17 +47,18 @@ def compile(model=None, target: str = "onnxruntime", **kw):
     return _compile(model, target, **kw)
 
 
-def load_artifact(path, reference_ok: bool = False):
-    """Load a compiled artifact (hashes verified); see crate_edge.artifact.load_artifact."""
-    from .artifact import load_artifact as _load
+def load_artifact(path, reference_ok: bool = False, threads: int | None = None):
+    """Load a compiled artifact (every hash verified first) as a callable runner; see
+    crate_edge.runtime.load."""
+    from .runtime import load
 
-    return _load(path, reference_ok=reference_ok)
+    return load(path, threads=threads, reference_ok=reference_ok)
 
 
 from . import bench  # noqa: E402  (a callable module: crate_edge.bench(...) runs crate_edge.bench.bench)
 
-# submodules with the other verbs: crate_edge.parity.parity(...), crate_edge.quantize.search(...),
-# crate_edge.testing.assert_parity(...)
+# submodules with the other verbs: crate_edge.parity.parity(...), crate_edge.search.search(...),
+# crate_edge.runtime.load(...), crate_edge.testing.assert_parity(...)
 __all__ = [
     "compile",
     "load_artifact",

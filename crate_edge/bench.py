@@ -50,19 +50,11 @@ from typing import Any
 import numpy as np
 
 from .errors import CrateEdgeError
+from .manifest import artifact_size, read_verified
 
-MANIFEST = "manifest.json"
 BASELINES = ("upstream", "folded", "compile")
 BASELINE_LABELS = {"upstream": "eager upstream", "folded": "eager folded+SDPA", "compile": "torch.compile folded+SDPA"}
 FOLDED_REWRITES = ["shift_patch_norm", "fold_ista", "sdpa_attention"]
-RUNTIME_EXTRAS = {
-    "onnxruntime": "onnx",
-    "tvm": "tvm",
-    "executorch": "executorch",
-    "coreml": "coreml",
-    "tensorrt": "tensorrt",
-    "aoti": "test",
-}
 LIBRARIES = ["torch", "numpy", "onnxruntime", "onnx", "executorch", "torchao", "apache-tvm", "coremltools", "tensorrt"]
 
 
@@ -143,130 +135,10 @@ def host_info() -> dict[str, Any]:
 # ------------------------------------------------------------------ artifacts (torch-free)
 
 
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_artifact(path) -> dict:
-    """The manifest of an artifact directory, with every file's sha256 verified (as
-    crate_edge.load_artifact does, without importing torch)."""
-    d = Path(path)
-    mp = d / MANIFEST
-    if not d.is_dir() or not mp.is_file():
-        raise CrateEdgeError(f"{d} is not a crate-edge artifact (no {MANIFEST})")
-    try:
-        m = json.loads(mp.read_text())
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CrateEdgeError(f"{mp}: corrupt manifest ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != "crate-edge-artifact" or not isinstance(m.get("files"), dict):
-        raise CrateEdgeError(f"{mp}: not a crate-edge artifact manifest")
-    for rel, want in m["files"].items():
-        if ".." in Path(rel).parts or Path(rel).is_absolute():
-            raise CrateEdgeError(f"{d}: manifest names a file outside the artifact: {rel}")
-        p = d / rel
-        if not p.is_file():
-            raise CrateEdgeError(f"{d}: {rel} is missing")
-        if _sha256(p) != want:
-            raise CrateEdgeError(f"{d}: {rel} does not match its sha256 in {MANIFEST}: the artifact was modified or corrupted")
-    return m
-
-
-def artifact_size(path, manifest: dict) -> int:
-    """Bytes of the files the artifact runs from (its manifest's files, plus the manifest)."""
-    d = Path(path)
-    return sum((d / rel).stat().st_size for rel in manifest["files"]) + (d / MANIFEST).stat().st_size
-
-
 def _set_thread_env(threads: int | None) -> None:
     if threads:
         for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "TVM_NUM_THREADS"):
             os.environ[k] = str(threads)
-
-
-def _runtime_missing(exc: ImportError, backend: str) -> CrateEdgeError:
-    return CrateEdgeError(
-        f"runtime for {backend} not installed ({exc.name or exc}): pip install 'crate-edge[{RUNTIME_EXTRAS.get(backend, backend)}]'"
-    )
-
-
-def _split_batches(run, hi: int):
-    """Inputs above the artifact's largest batch are run in chunks it accepts."""
-
-    def f(x):
-        if len(x) <= hi:
-            return run(x)
-        parts = [run(x[i : i + hi]) for i in range(0, len(x), hi)]
-        return [np.concatenate(p) for p in zip(*parts)]
-
-    if getattr(run, "device_call", None):  # a GPU runner's tensor-in, tensor-out entry (see _Worker.time_calls)
-        f.device_call, f.max_batch = run.device_call, hi
-    return f
-
-
-def load_runtime(art_dir, manifest: dict, threads: int | None = None):
-    """(runner, executor label) for an artifact, through its runtime alone where that runtime
-    allows it: onnxruntime, the TVM runtime and Core ML without torch; ExecuTorch, TensorRT and
-    AOTInductor through their crate_edge backend (those runtimes' Python bindings need torch)."""
-    d = Path(art_dir)
-    be = manifest["backend"]["name"]
-    opts = manifest["target"]["definition"].get("options", {})
-    threads = threads or opts.get("threads")
-    hi = (manifest["input"].get("batch_range") or [1, 1 << 30])[1]
-    try:
-        if be == "onnxruntime":
-            from .runtimes import ort_session
-
-            sess = ort_session(d / "model.onnx", threads, opts.get("providers"))
-            name = sess.get_inputs()[0].name
-            run = lambda x: sess.run(None, {name: x})  # noqa: E731
-            return _split_batches(run, hi), f"onnxruntime ({sess.get_providers()[0]})"
-        if be == "tvm":
-            return _tvm_local(d, manifest, threads), f"TVM Relax VM ({manifest['backend'].get('device', 'cpu')})"
-        if be == "coreml":
-            if platform.system() != "Darwin":
-                raise CrateEdgeError("Core ML predictions run only on macOS")
-            import coremltools as ct
-
-            units = manifest["backend"].get("compute_units", "ALL")
-            mlmodel = ct.models.MLModel(str(d / "model.mlpackage"), compute_units=getattr(ct.ComputeUnit, units))
-            names = manifest["backend"]["io"]["outputs"]
-            run = lambda x: [np.asarray(o, dtype=np.float32) for o in (mlmodel.predict({"images": x})[n] for n in names)]  # noqa: E731
-            return _split_batches(run, hi), f"Core ML ({units})"
-        # runtimes whose Python bindings need torch: the backend's own loader
-        from .backends import get_backend
-
-        backend = get_backend(be)
-        ok, why = backend.can_run(manifest)
-        if not ok:
-            raise CrateEdgeError(f"cannot run {manifest['target']['name']} artifact here: {why}")
-        if threads:
-            import torch
-
-            torch.set_num_threads(int(threads))
-        run = backend.load(d, manifest)
-        if be == "executorch" and threads:
-            from .backends.executorch import set_threads
-
-            set_threads(int(threads))
-        return _split_batches(run, hi), be
-    except ImportError as e:
-        raise _runtime_missing(e, be) from None
-
-
-def _tvm_local(d: Path, manifest: dict, threads: int | None):
-    import tvm
-
-    from .runtimes import tvm_vm_runner
-
-    device = manifest["backend"].get("device", "cpu")
-    if device == "cuda" and not tvm.cuda(0).exist:
-        raise CrateEdgeError(f"{d} is a TVM CUDA build and this machine has no CUDA GPU")
-
-    return tvm_vm_runner(d / "model.so", device, manifest["backend"].get("static_batch"), threads)
 
 
 # ------------------------------------------------------------------ TVM RPC
@@ -387,14 +259,17 @@ class _Worker:
         t0 = time.perf_counter()
         info: dict[str, Any] = {}
         if kind == "artifact":
-            m = read_artifact(spec["path"])
+            from .runtime import runner_for
+
+            m = read_verified(spec["path"])
             t1 = time.perf_counter()
-            run, executor = load_runtime(spec["path"], m, threads)
-            info["executor"] = executor
-            if getattr(run, "device_call", None):
-                self.device_call, self.max_batch = run.device_call, run.max_batch
+            r = runner_for(Path(spec["path"]), m, threads)
+            run = r.outputs
+            info["executor"] = f"{r.executor} ({r.detail})" if r.detail else r.executor
+            if r.device_call:
+                self.device_call, self.max_batch = r.device_call, r.batch_range[1]
         elif kind == "rpc":
-            m = read_artifact(spec["path"])
+            m = read_verified(spec["path"])
             import tvm  # noqa: F401  (import time reported apart from load time)
 
             t1 = time.perf_counter()
@@ -845,7 +720,7 @@ def bench(
     if threads < 1:
         raise CrateEdgeError(f"threads must be >= 1, got {threads}")
 
-    manifests = [read_artifact(a) for a in artifacts]
+    manifests = [read_verified(a) for a in artifacts]
     shas = {m["source_model"]["sha256"] for m in manifests}
     shapes = {tuple(m["input"]["shape"][1:]) for m in manifests}
     if len(shas) > 1 or len(shapes) > 1:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from .errors import CrateEdgeError
+from .manifest import sha256_file
 from .model import CRATE, VARIANTS, CrateConfig
 from .outputs import atomic_dir
 from .zoo import embedded_model_dir
@@ -57,14 +58,6 @@ def save_model(model: CRATE, out_dir: str | os.PathLike, metadata: dict[str, Any
         doc["sha256"] = {WEIGHTS: sha256_file(tmp / WEIGHTS)}
         (tmp / CONFIG).write_text(json.dumps(doc, indent=2) + "\n")
     return out
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _load_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

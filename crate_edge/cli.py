@@ -367,14 +367,14 @@ def quantize_cmd(target, model, out, data, limit, calibration_data, calibration_
 def run_cmd(artifact, data, n_images):
     """Print the ARTIFACT's predictions on images from --data.
 
-    Python: crate_edge.load_artifact(artifact)(images)"""
+    Python: crate_edge.runtime.load(artifact)(images)"""
     import numpy as np
 
-    from .artifact import load_artifact
     from .data import open_inputs
     from .model import CrateConfig
+    from .runtime import load
 
-    art = load_artifact(artifact)
+    art = load(artifact)
     cfg = CrateConfig.from_dict(art.manifest["source_model"]["config"])
     x, y = open_inputs(data, cfg, "test").first(n_images).tensors()
     n = len(x)

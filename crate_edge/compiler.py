@@ -10,21 +10,21 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import rewrites
 from ._version import __version__
-from .artifact import ARTIFACT_FORMAT, MANIFEST, Artifact, file_hashes, load_artifact
 from .backends import get_backend
 from .backends.base import host_info
 from .checkpoint import load_model, model_hash
 from .data import open_inputs
 from .errors import BackendUnavailable, CrateEdgeError
 from .export import export
+from .manifest import ARTIFACT_FORMAT, MANIFEST, file_hashes
 from .metrics import check_tolerances, logit_parity
 from .outputs import atomic_dir, check_writable
 from .quantize import QuantConfig, QuantPlan, calibration_set, quant_rewrites, quant_sites
+from .runtime import Runner, load
 from .targets import Target, load_target
 
 
@@ -46,10 +46,6 @@ def parity_images(cfg, data="embedded", limit: int | None = None):
     return parity_set(cfg, data, limit).tensors()
 
 
-def _run_batched(fn, x: torch.Tensor, bs: int) -> np.ndarray:
-    return np.concatenate([fn(x[i : i + bs].numpy())[0] for i in range(0, len(x), bs)])
-
-
 def compile(
     model=None,
     target: str | Target = "onnxruntime",
@@ -62,7 +58,7 @@ def compile(
     extra_files: dict[str, str] | None = None,
     calibration_data=None,
     calibration_images: int | None = None,
-) -> Artifact:
+) -> Runner:
     """Compile a CRATE (module, path, or None for the embedded model) for `target` (name or
     path to a target .toml) into the artifact directory `out` (default artifacts/<target>).
     Ends with a parity check on the held-out slice; raises ParityError beyond tolerance
@@ -170,12 +166,11 @@ def compile(
 
         # parity against the eager reference model on the held-out slice
         x, labels = par_x, par_y
-        art = load_artifact(tmp, reference_ok=True)
-        hi = manifest["input"]["batch_range"][1]
+        art = load(tmp, reference_ok=True)
         say(f"[{t.name}] parity on {len(x)} images of {par.spec} via {art.executor}")
         with torch.no_grad():
             ref = torch.cat([src(x[i : i + 256]) for i in range(0, len(x), 256)]).numpy()
-        got = _run_batched(art.outputs, x, hi)
+        got = art(x.numpy())
         p = logit_parity(ref, got, None if labels is None else labels.numpy())
         fails = check_tolerances(p, t.tolerances)
         p.update(executor=art.executor, data=par.record(), tolerances=t.tolerances, passed=not fails, failures=fails)
@@ -191,7 +186,7 @@ def compile(
     )
     for k, v in comp.not_verified.items():
         say(f"[{t.name}] NOT verified here: {k}: {v}")
-    final = load_artifact(out, reference_ok=True)
+    final = load(out, reference_ok=True)
     if fails:
         raise ParityError(f"{t.name}: parity failed (artifact kept at {out}): " + "; ".join(fails))
     return final
@@ -199,7 +194,7 @@ def compile(
 
 def compile_each(model, targets, root, prefix: str = "", reuse: bool = False, log=None, **kw):
     """Compile `model` for each target into root/<prefix><target>; for the measurement scripts.
-    Returns ({target: Artifact}, {target: why it was skipped}): a target whose backend is not
+    Returns ({target: Runner}, {target: why it was skipped}): a target whose backend is not
     installed here, or whose compile or parity check fails, is skipped with the reason (logged),
     never dropped silently. reuse: load an existing artifact of the same model and target file
     instead of compiling again. Other keywords go to `compile`."""
@@ -217,7 +212,7 @@ def compile_each(model, targets, root, prefix: str = "", reuse: bool = False, lo
         d = Path(root) / f"{prefix}{t.name}"
         try:
             if reuse and (d / MANIFEST).exists():
-                art = load_artifact(d, reference_ok=True)  # as compile() returns it: a labelled stand-in where it cannot run here
+                art = load(d, reference_ok=True)  # as compile() returns it: a labelled stand-in where it cannot run here
                 m = art.manifest
                 if (m["source_model"]["sha256"], m["target"]["sha256"], bool(m.get("probe"))) == (h, t.sha256, bool(kw.get("probe"))):
                     arts[t.name] = art

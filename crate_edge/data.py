@@ -36,8 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import sha256_file
 from .errors import CrateEdgeError
+from .manifest import sha256_file
 
 FASHION_MNIST_DIRS = ["/usr/share/datasets/fashion-mnist"]
 MNIST_DIRS = [

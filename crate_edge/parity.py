@@ -56,7 +56,6 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
-from .artifact import Artifact, load_artifact
 from .checkpoint import load_model, model_hash
 from .data import open_inputs
 from .errors import CrateEdgeError
@@ -64,6 +63,7 @@ from .metrics import logit_parity
 from .model import CRATE
 from .outputs import atomic_dir
 from .rewrites import split_probe_outputs
+from .runtime import Runner, load
 from .targets import tolerances_for
 from .whitebox import EPS, support_iou, zero_fraction
 
@@ -474,16 +474,16 @@ def _load_reference(reference):
 
 
 def _load_artifacts(artifacts) -> list:
-    if isinstance(artifacts, (str, os.PathLike, Artifact)):
+    if isinstance(artifacts, (str, os.PathLike, Runner)):
         artifacts = [artifacts]
     arts = []
     for a in artifacts:
-        if isinstance(a, Artifact):
+        if isinstance(a, Runner):
             arts.append(a)
         else:
             if not Path(a).exists():
                 raise CrateEdgeError(f"artifact {a} not found")
-            arts.append(load_artifact(a, reference_ok=True))
+            arts.append(load(a, reference_ok=True))
     if not arts:
         raise CrateEdgeError("no artifacts given")
     return arts
@@ -526,19 +526,6 @@ def _release_memory() -> None:
 
 
 _TRIM = None
-
-
-def _run(art, x: np.ndarray) -> list[np.ndarray]:
-    """Artifact outputs for a batch of any size: chunks within its batch range, the last one padded."""
-    lo, hi = art.manifest["input"].get("batch_range") or [len(x), len(x)]
-    parts = []
-    for i in range(0, len(x), hi):
-        c = x[i : i + hi]
-        n = len(c)
-        if n < lo:
-            c = np.concatenate([c, np.repeat(c[-1:], lo - n, axis=0)])
-        parts.append([np.asarray(o)[:n] for o in art.outputs(c)])
-    return [np.concatenate(p) for p in zip(*parts)] if len(parts) > 1 else parts[0]
 
 
 class _LayerAcc:
@@ -703,7 +690,7 @@ def parity(
     progress: bool = True,
     coding_rate_images: int | None = None,
 ) -> ParityReport:
-    """Compare one or more artifacts (directories or loaded `Artifact`s) with the eager fp32
+    """Compare one or more artifacts (directories or loaded crate_edge.runtime.Runners) with the eager fp32
     reference on the test split of `data` (any crate_edge.data spec; `limit` images at most).
 
     `reference`: a CRATE module, a model path, "embedded", or None for the embedded model, in
@@ -779,7 +766,7 @@ def parity(
                     ref_cr[l].append(coding_rate(w[:cr_n]).numpy())
         xn = x.numpy()
         for k, a in enumerate(arts):
-            outs = _run(a, xn)
+            outs = a.outputs(xn)
             if a.probe:
                 if len(outs) != 1 + 2 * depth:
                     raise CrateEdgeError(f"{a.path}: probe artifact returned {len(outs)} outputs, expected {1 + 2 * depth}")

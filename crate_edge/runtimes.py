@@ -1,13 +1,19 @@
-"""Runtime-only loaders that import no torch, shared by the backends and by `crate-edge bench`'s
-worker processes (which run on devices where only the artifact's runtime is installed)."""
+"""The artifact runners that import no torch: ONNX Runtime, the TVM runtime and Core ML. A
+device that has only one of these runtimes runs crate-edge artifacts through them
+(crate_edge.runtime.load picks the runner by the manifest's backend); the backends reuse them."""
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import numpy as np
 
-from .errors import CrateEdgeError
+from .errors import BackendUnavailable
+
+ONNX_FILE = "model.onnx"  # the files each of these backends writes into an artifact
+TVM_LIBRARY = "model.so"
+COREML_PACKAGE = "model.mlpackage"
 
 
 def provider_gap(providers: list[str] | None) -> str | None:
@@ -37,7 +43,7 @@ def ort_session(path: Path, threads: int | None = None, providers: list[str] | N
     want = list(providers or ["CUDAExecutionProvider", "CPUExecutionProvider"])
     gap = provider_gap(want)
     if gap:
-        raise CrateEdgeError(gap)
+        raise BackendUnavailable(gap)
     if "CPUExecutionProvider" not in want:
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     avail = ort.get_available_providers()
@@ -78,3 +84,59 @@ def tvm_vm_runner(lib_path: Path, device: str, static_batch: int | None = None, 
 
     run._keep = (lib, vm)  # the VM must not outlive its library
     return run
+
+
+def _options(manifest: dict) -> dict:
+    return manifest["target"]["definition"].get("options", {})
+
+
+def onnxruntime_runner(art_dir: Path, manifest: dict, threads: int | None = None):
+    """(run, detail): an ONNX Runtime session on the artifact's model.onnx with the target's providers."""
+    opts = _options(manifest)
+    sess = ort_session(Path(art_dir) / ONNX_FILE, threads or opts.get("threads"), opts.get("providers"))
+    return _ort_run(sess), sess.get_providers()[0]
+
+
+def ort_runner(path: Path, threads: int | None = None, providers: list[str] | None = None):
+    """numpy float32 NCHW -> [outputs] through an ONNX Runtime session on any .onnx file."""
+    return _ort_run(ort_session(path, threads, providers))
+
+
+def _ort_run(sess):
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})
+
+
+def tvm_runner(art_dir: Path, manifest: dict, threads: int | None = None):
+    """(run, detail): the Relax VM on the artifact's library; a CUDA build needs a CUDA GPU."""
+    import tvm
+
+    be = manifest["backend"]
+    device = be.get("device", "cpu")
+    if device == "cuda" and not tvm.cuda(0).exist:
+        raise BackendUnavailable(
+            f"{art_dir} is a TVM CUDA build and this machine has no CUDA GPU (run it on a GPU host with the TVM runtime)"
+        )
+    run = tvm_vm_runner(Path(art_dir) / TVM_LIBRARY, device, be.get("static_batch"), threads or _options(manifest).get("threads"))
+    return run, f"Relax VM ({device})"
+
+
+def coreml_runner(art_dir: Path, manifest: dict, threads: int | None = None):
+    """(run, detail): Core ML on the artifact's .mlpackage (macOS only)."""
+    if platform.system() != "Darwin":
+        raise BackendUnavailable("Core ML predictions run only on macOS")
+    import coremltools as ct
+
+    units = manifest["backend"].get("compute_units", "ALL")
+    mlmodel = ct.models.MLModel(str(Path(art_dir) / COREML_PACKAGE), compute_units=getattr(ct.ComputeUnit, units))
+    names = manifest["backend"]["io"]["outputs"]
+
+    def run(x: np.ndarray):
+        out = mlmodel.predict({"images": np.ascontiguousarray(x, dtype=np.float32)})
+        return [np.asarray(out[n], dtype=np.float32) for n in names]
+
+    return run, f"Core ML ({units})"
+
+
+# backend name -> torch-free runner (the other backends' Python bindings need torch)
+RUNNERS = {"onnxruntime": onnxruntime_runner, "tvm": tvm_runner, "coreml": coreml_runner}

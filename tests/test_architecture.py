@@ -19,6 +19,7 @@ LAYERS = [
         "crate_edge.zoo",
         "crate_edge.whitebox",
         "crate_edge.runtimes",
+        "crate_edge.manifest",
     ],
     ["crate_edge.model"],
     ["crate_edge.checkpoint", "crate_edge.data", "crate_edge.rewrites"],
@@ -35,7 +36,7 @@ LAYERS = [
     ],
     # the backend registry (name -> module, loaded on use), target files (which name a backend), and
     # what drives the backends: artifact loading and the compiler
-    ["crate_edge.backends", "crate_edge.targets", "crate_edge.artifact", "crate_edge.compiler"],
+    ["crate_edge.backends", "crate_edge.targets", "crate_edge.runtime", "crate_edge.compiler"],
     ["crate_edge.parity", "crate_edge.bench", "crate_edge.search", "crate_edge.testing", "crate_edge.train"],
     ["crate_edge.cli", "crate_edge"],
 ]
@@ -117,7 +118,7 @@ def test_backends_do_not_import_compile_parity_bench_or_search(graph):
         "crate_edge.bench",
         "crate_edge.search",
         "crate_edge.cli",
-        "crate_edge.artifact",
+        "crate_edge.runtime",
         "crate_edge",
     }
     bad = {a: sorted(bs & above) for a, bs in graph.items() if a.startswith("crate_edge.backends") and bs & above}

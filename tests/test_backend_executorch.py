@@ -6,9 +6,9 @@ import torch
 pytest.importorskip("executorch.exir", reason="executorch not installed (pip install 'crate-edge[executorch]')")
 
 import crate_edge  # noqa: E402
-from crate_edge.artifact import load_artifact  # noqa: E402
 from crate_edge.compiler import compile  # noqa: E402
 from crate_edge.rewrites import Probe  # noqa: E402
+from crate_edge.runtime import load as load_artifact  # noqa: E402
 
 # what the bmm_attention and linear_layernorm rewrites exist for: none of it may stay on portable kernels
 NOT_OUTSIDE = ("layer_norm", "expand_copy", "bmm", "linear", ".mm.", "addmm")

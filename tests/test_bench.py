@@ -16,9 +16,11 @@ import pytest
 from click.testing import CliRunner
 
 import crate_edge
-from crate_edge.bench import BASELINE_LABELS, RPCRunner, bench, load_runtime, read_artifact
+from crate_edge.bench import BASELINE_LABELS, RPCRunner, bench
 from crate_edge.cli import main
 from crate_edge.errors import CrateEdgeError
+from crate_edge.manifest import read_verified as read_artifact
+from crate_edge.runtime import load
 
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "crate_edge"
@@ -242,7 +244,7 @@ def rpc_server(no_torch_path):
 def test_rpc_loopback(tvm_art, rpc_server):
     m = read_artifact(tvm_art)
     remote = RPCRunner(tvm_art, m, rpc_server, threads=1)
-    local, _ = load_runtime(tvm_art, m, threads=1)
+    local = load(tvm_art, threads=1).outputs
     rng = np.random.default_rng(3)
     for b in (1, 3):
         x = rng.standard_normal((b, *m["input"]["shape"][1:])).astype(np.float32)

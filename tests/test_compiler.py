@@ -11,8 +11,8 @@ import torch
 
 import crate_edge
 from crate_edge import BackendUnavailable, CrateEdgeError, create_model, load_artifact
-from crate_edge.artifact import MANIFEST
 from crate_edge.compiler import ParityError, compile
+from crate_edge.manifest import MANIFEST
 from crate_edge.targets import list_targets, load_target
 
 

@@ -12,9 +12,9 @@ from click.testing import CliRunner
 
 import crate_edge
 from crate_edge import CrateEdgeError, load_model
-from crate_edge.artifact import Artifact
 from crate_edge.cli import main
-from crate_edge.parity import _run, parity
+from crate_edge.parity import parity
+from crate_edge.runtime import Runner
 from crate_edge.testing import assert_parity
 
 pytest.importorskip("onnxruntime")
@@ -134,9 +134,9 @@ def test_odd_batches_are_padded_to_the_artifact_batch_range():
         calls.append(len(x))
         return [x.reshape(len(x), -1).sum(1, keepdims=True)]
 
-    art = Artifact("fake", {"input": {"shape": [4, 1, 2, 2], "batch_range": [4, 4]}, "target": {"name": "fake"}}, runner)
+    art = Runner("fake", {"input": {"shape": [4, 1, 2, 2], "batch_range": [4, 4]}, "target": {"name": "fake"}}, runner, "fake")
     x = np.random.default_rng(0).standard_normal((10, 1, 2, 2)).astype(np.float32)
-    out = _run(art, x)[0]
+    out = art(x)
     assert calls == [4, 4, 4] and out.shape == (10, 1)
     np.testing.assert_allclose(out[:, 0], x.reshape(10, -1).sum(1), rtol=1e-6)
 

@@ -9,12 +9,12 @@ pytest.importorskip("executorch.exir", reason="executorch not installed (pip ins
 pytest.importorskip("torchao.quantization.pt2e", reason="torchao (PT2E quantization) not installed")
 
 import crate_edge  # noqa: E402
-from crate_edge.artifact import load_artifact  # noqa: E402
 from crate_edge.backends import executorch as et  # noqa: E402
 from crate_edge.compiler import compile  # noqa: E402
 from crate_edge.errors import CrateEdgeError  # noqa: E402
 from crate_edge.metrics import check_tolerances  # noqa: E402
 from crate_edge.quantize import QuantConfig, quant_sites  # noqa: E402
+from crate_edge.runtime import load as load_artifact  # noqa: E402
 from crate_edge.targets import load_target  # noqa: E402
 
 

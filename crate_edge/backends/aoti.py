@@ -57,8 +57,10 @@ class AOTIBackend(Backend):
             verified={"execution": f"AOTInductor ({device}) on this machine"},
         )
 
-    def load(self, art_dir: Path, manifest: dict):
+    def load(self, art_dir: Path, manifest: dict, threads: int | None = None):
         device = manifest["backend"].get("device", "cpu")
+        if threads:  # the package's CPU kernels run on torch's intra-op pool
+            torch.set_num_threads(int(threads))
         runner = torch._inductor.aoti_load_package(str(art_dir / PACKAGE))
 
         def call(x: torch.Tensor):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailable
+from ..runtimes import RUNNERS
 
 
 @dataclass
@@ -88,7 +89,12 @@ class Backend:
         a backend that cannot honour it raises CrateEdgeError."""
         raise NotImplementedError
 
-    def load(self, art_dir: Path, manifest: dict) -> Runner:
+    def load(self, art_dir: Path, manifest: dict, threads: int | None = None) -> Runner:
+        """A runner for the artifact (called by crate_edge.runtime.load after verification):
+        ONNX Runtime, TVM and Core ML artifacts run through crate_edge.runtimes' torch-free
+        runners; a backend whose runtime needs torch overrides this."""
+        if self.name in RUNNERS:
+            return RUNNERS[self.name](art_dir, manifest, threads)[0]
         raise NotImplementedError
 
     def reference_runner(self, art_dir: Path, manifest: dict) -> tuple[Runner, str] | None:

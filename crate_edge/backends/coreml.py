@@ -40,9 +40,10 @@ import torch
 
 from ..calibration import feed_site_inputs
 from ..errors import CrateEdgeError
+from ..runtimes import COREML_PACKAGE
 from .base import Backend, Compiled
 
-PACKAGE = "model.mlpackage"
+PACKAGE = COREML_PACKAGE
 SOURCE = "source.pt2"  # the exact ExportedProgram converted, for the off-macOS numeric check
 
 COMPRESSED_WEIGHT_OPS = (
@@ -565,19 +566,6 @@ class CoreMLBackend(Backend):
             if extra:  # ops coremltools kept in fp32 inside an fp16 program: the fp16 emulation does not model them
                 not_verified["fp16_emulation"] = f"ops kept in fp32 by coremltools were emulated in fp16: {', '.join(extra)}"
         return Compiled(files=[PACKAGE, SOURCE], precision=precision, verified=verified, not_verified=not_verified, info=info)
-
-    def load(self, art_dir: Path, manifest: dict):
-        import coremltools as ct
-
-        units = manifest["backend"].get("compute_units", "ALL")
-        mlmodel = ct.models.MLModel(str(art_dir / PACKAGE), compute_units=getattr(ct.ComputeUnit, units))
-        names = manifest["backend"]["io"]["outputs"]
-
-        def run(x: np.ndarray):
-            out = mlmodel.predict({"images": x})
-            return [np.asarray(out[n], dtype=np.float32) for n in names]
-
-        return run
 
     def reference_runner(self, art_dir: Path, manifest: dict):
         """Torch runs the ExportedProgram that was converted, at the compute precision (every op's

@@ -474,10 +474,10 @@ class ExecuTorchBackend(Backend):
             verified={"execution": "ExecuTorch runtime (XNNPACK + portable kernels) on this machine"},
         )
 
-    def load(self, art_dir: Path, manifest: dict):
+    def load(self, art_dir: Path, manifest: dict, threads: int | None = None):
         from executorch.runtime import Runtime
 
-        threads = manifest["target"]["definition"].get("options", {}).get("threads")
+        threads = threads or manifest["target"]["definition"].get("options", {}).get("threads")
         if threads:
             set_threads(int(threads))
         rt = Runtime.get()

@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from ..errors import CrateEdgeError
-from ..runtimes import ort_session, provider_gap  # noqa: F401  (ort_session re-exported)
+from ..runtimes import ONNX_FILE, ort_runner, ort_session, provider_gap  # noqa: F401  (ort_session, ort_runner re-exported)
 from .base import Backend, Compiled
 
-MODEL = "model.onnx"
+MODEL = ONNX_FILE
 GEMM_OPS = ("MatMul", "Gemm")
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # node metadata the dynamo exporter writes
 # Entropy calibration: ORT's defaults (128 histogram bins, 128 quantized bins) leave exactly one
@@ -63,12 +63,6 @@ def op_inventory(path: Path) -> dict[str, int]:
 
     walk(m.graph)
     return dict(sorted(counts.items()))
-
-
-def ort_runner(path: Path, threads: int | None = None, providers: list[str] | None = None):
-    sess = ort_session(path, threads, providers)
-    name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: np.ascontiguousarray(x, dtype=np.float32)})
 
 
 # ------------------------------------------------------------------ quantization helpers
@@ -387,10 +381,6 @@ class ONNXRuntimeBackend(Backend):
             info={"opset": opset, "ops": ops, "quantized": qinfo},
             verified={"execution": "onnxruntime on this machine"},
         )
-
-    def load(self, art_dir: Path, manifest: dict):
-        opts = manifest["target"]["definition"].get("options", {})
-        return ort_runner(art_dir / MODEL, opts.get("threads"), opts.get("providers"))
 
     def reference_runner(self, art_dir: Path, manifest: dict):
         """A GPU-provider artifact on a host without that provider: the same file on the CPU provider."""

@@ -400,7 +400,7 @@ class TensorRTBackend(Backend):
         (out / ENGINE).write_bytes(bytes(engine))
         (out / CACHE).write_bytes(bytes(config.get_timing_cache().serialize()))
 
-    def load(self, art_dir: Path, manifest: dict):  # pragma: no cover - needs TensorRT and a GPU
+    def load(self, art_dir: Path, manifest: dict, threads: int | None = None):  # pragma: no cover - needs TensorRT and a GPU
         if not (art_dir / ENGINE).exists():
             raise BackendUnavailable(f"{art_dir} has no TensorRT engine yet: run {SCRIPT} there on a GPU host")
         import tensorrt as trt

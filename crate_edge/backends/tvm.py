@@ -42,10 +42,10 @@ import numpy as np
 
 from ..calibration import feed_site_inputs
 from ..errors import BackendUnavailable, CrateEdgeError
-from ..runtimes import tvm_vm_runner
+from ..runtimes import TVM_LIBRARY, tvm_vm_runner
 from .base import Backend, Compiled
 
-LIBRARY = "model.so"
+LIBRARY = TVM_LIBRARY
 CPU_TWIN = "model_cpu_reference.so"  # cuda builds on a GPU-less host: the same Relax module for llvm
 TUNING_DB = "tuning_db"
 MR, NR = 6, 16  # GEMM micro-kernel: MR rows x NR columns of accumulators (12 ymm registers)
@@ -866,16 +866,6 @@ class TVMBackend(Backend):
         else:
             verified["execution"] = f"TVM Relax VM ({device}) on this machine"
         return Compiled(files=files, precision=precision, verified=verified, not_verified=not_verified, info=info)
-
-    def load(self, art_dir: Path, manifest: dict):
-        be = manifest["backend"]
-        device = be.get("device", "cpu")
-        if device == "cuda" and not _has_gpu():
-            raise BackendUnavailable(
-                f"{art_dir} is a TVM CUDA build and this machine has no CUDA GPU (run it on a GPU host with the TVM runtime)"
-            )
-        opts = manifest["target"]["definition"].get("options", {})
-        return vm_runner(art_dir / LIBRARY, device, be.get("static_batch"), opts.get("threads"))
 
     def reference_runner(self, art_dir: Path, manifest: dict):
         be = manifest["backend"]
