@@ -85,20 +85,39 @@ _DATA_SPECS = (
 @main.command("import")
 @click.argument("ckpt", type=click.Path(dir_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory (crate-edge format).")
+@click.option(
+    "--mean",
+    default=None,
+    metavar="M1,M2,M3",
+    help="Per-channel input mean the model was trained with (images in [0, 1]), "
+    "e.g. ImageNet's 0.485,0.456,0.406; stored with the model and applied to image data.",
+)
+@click.option("--std", default=None, metavar="S1,S2,S3", help="Per-channel input std, with --mean.")
 @_model_options
-def import_cmd(ckpt, out, heads, pool):
+def import_cmd(ckpt, out, mean, std, heads, pool):
     """Convert an upstream CRATE checkpoint to the crate-edge format.
 
-    Python: crate_edge.import_checkpoint(ckpt, out, heads=, pool=)"""
+    Python: crate_edge.import_checkpoint(ckpt, out, heads=, pool=, mean=, std=)"""
     from .checkpoint import import_checkpoint, load_model
 
     check_writable(out)
-    path = import_checkpoint(ckpt, out, heads=heads, pool=pool)
+    norm = {k: _floats(v, f"--{k}") for k, v in (("mean", mean), ("std", std)) if v is not None}
+    if len(norm) == 1:
+        raise CrateEdgeError("give --mean and --std together")
+    path = import_checkpoint(ckpt, out, heads=heads, pool=pool, **norm)
     cfg = load_model(path).cfg
     click.echo(
         f"wrote {path}: CRATE dim={cfg.dim} depth={cfg.depth} heads={cfg.heads}x{cfg.dim_head} "
         f"patch={cfg.patch_size} image={cfg.image_size} channels={cfg.channels} classes={cfg.num_classes} pool={cfg.pool}"
+        + (f" mean={list(cfg.mean)} std={list(cfg.std)}" if cfg.mean is not None else "")
     )
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise CrateEdgeError(f"{what} {text!r}: expected comma-separated numbers") from None
 
 
 @main.command()

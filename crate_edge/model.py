@@ -49,6 +49,10 @@ class CrateConfig:
     def __post_init__(self):
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {self.pool!r}")
+        if (self.mean is None) != (self.std is None):
+            raise ValueError("mean and std go together")
+        if self.mean is not None and not (len(self.mean) == len(self.std) == self.channels and all(s > 0 for s in self.std)):
+            raise ValueError(f"mean and std need one value per channel ({self.channels}) and std > 0; got {self.mean}, {self.std}")
         (ih, iw), (ph, pw) = _pair(self.image_size), _pair(self.patch_size)
         if ih % ph or iw % pw:
             raise ValueError(f"image size {ih}x{iw} is not divisible by patch size {ph}x{pw}")

@@ -374,6 +374,28 @@ def test_own_checkpoint_and_data_end_to_end_cli(tmp_path):
     assert p["tolerances"] == tol and p["top1_agreement"] >= tol["min_top1_agreement"] and p["min_cosine"] >= tol["min_cosine"]
     r = _cli("run", "art", "--data", "mine.npz", "--n", "3", cwd=tmp_path)
     assert r.returncode == 0 and "label" in r.stdout and "top-1" in r.stdout, r.stderr
+    # the input normalisation an upstream checkpoint was trained with travels with the imported model
+    r = _cli(
+        "import",
+        "ckpt.pth.tar",
+        "--heads",
+        "4",
+        "--mean",
+        "0.485,0.456,0.406",
+        "--std",
+        "0.229,0.224,0.225",
+        "--out",
+        "normed",
+        cwd=tmp_path,
+    )
+    assert r.returncode == 0, r.stderr
+    from crate_edge import load_model
+
+    assert load_model(tmp_path / "normed").cfg.std == (0.229, 0.224, 0.225)
+    assert "one value per channel" in _one_error_line(
+        _cli("import", "ckpt.pth.tar", "--heads", "4", "--mean", "0.5", "--std", "0.2", "--out", "bad", cwd=tmp_path)
+    )
+    assert not (tmp_path / "bad").exists()
 
 
 def test_own_data_python_api_and_unlabelled_parity(tmp_path):
