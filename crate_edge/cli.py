@@ -68,6 +68,22 @@ def _model_options(f):
     return f
 
 
+def _calibration_options(f):
+    f = click.option(
+        "--calibration-images",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Calibration image count of a quantized target, instead of its [quantize].calibration_images.",
+    )(f)
+    return click.option(
+        "--calibration-data",
+        default=None,
+        metavar="SPEC",
+        help="Calibration data of a quantized target (train split), instead of its [quantize].calibration_data: " + _DATA_SPECS,
+    )(f)
+
+
 def _load(model, heads=None, pool=None):
     from .checkpoint import load_model
 
@@ -270,19 +286,7 @@ def targets():
     metavar="SPEC",
     help="Data for the compile-time parity check (test split): " + _DATA_SPECS,
 )
-@click.option(
-    "--calibration-data",
-    default=None,
-    metavar="SPEC",
-    help="Calibration data of a quantized target (train split), instead of its [quantize].calibration_data: " + _DATA_SPECS,
-)
-@click.option(
-    "--calibration-images",
-    type=int,
-    default=None,
-    metavar="N",
-    help="Calibration image count of a quantized target, instead of its [quantize].calibration_images.",
-)
+@_calibration_options
 @click.option("--keep-failed", is_flag=True, help="Keep the artifact even when parity fails (the command still exits non-zero).")
 @_model_options
 def compile_cmd(target, model, out, probe, parity_data, calibration_data, calibration_images, keep_failed, heads, pool):
@@ -317,19 +321,7 @@ def compile_cmd(target, model, out, probe, parity_data, calibration_data, calibr
     "--data", default="fashion-mnist:train", show_default=True, metavar="SPEC", help="Images the budget is measured on: " + _DATA_SPECS
 )
 @click.option("--limit", default=2000, show_default=True, help="How many of them.")
-@click.option(
-    "--calibration-data",
-    default=None,
-    metavar="SPEC",
-    help="Calibration data (train split), instead of the target's [quantize].calibration_data: " + _DATA_SPECS,
-)
-@click.option(
-    "--calibration-images",
-    type=int,
-    default=None,
-    metavar="N",
-    help="Calibration image count, instead of the target's [quantize].calibration_images.",
-)
+@_calibration_options
 @click.option(
     "--budget",
     "budget",
