@@ -392,9 +392,8 @@ def test_own_checkpoint_and_data_end_to_end_cli(tmp_path):
     from crate_edge import load_model
 
     assert load_model(tmp_path / "normed").cfg.std == (0.229, 0.224, 0.225)
-    assert "one value per channel" in _one_error_line(
-        _cli("import", "ckpt.pth.tar", "--heads", "4", "--mean", "0.5", "--std", "0.2", "--out", "bad", cwd=tmp_path)
-    )
+    with pytest.raises(CrateEdgeError, match="one value per channel"):
+        crate_edge.import_checkpoint(tmp_path / "ckpt.pth.tar", tmp_path / "bad", heads=4, mean=(0.5,), std=(0.2,))
     assert not (tmp_path / "bad").exists()
 
 
