@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 
 import crate_edge  # noqa: E402
 from bench._common import time_rounds, write_tables  # noqa: E402
-from crate_edge.backends.base import host_info  # noqa: E402
 from crate_edge.compiler import compile_each  # noqa: E402
+from crate_edge.host import host_info  # noqa: E402
 from crate_edge.rewrites import apply  # noqa: E402
 
 CPU_TARGETS = ["onnxruntime", "aoti", "executorch", "tvm"]
@@ -102,7 +102,7 @@ def main():
         "model": label,
         "batch": a.batch,
         "threads": a.threads,
-        "host": host_info(),
+        "host": host_info(torch_info=True),
         "rows": rows,
         "skipped": skipped,
         "versions": {

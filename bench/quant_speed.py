@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 
 import crate_edge  # noqa: E402
 from bench._common import time_rounds, write_tables  # noqa: E402
-from crate_edge.backends.base import host_info  # noqa: E402
 from crate_edge.compiler import compile_each  # noqa: E402
+from crate_edge.host import host_info  # noqa: E402
 
 PAIRS = [("executorch", "executorch-int8"), ("onnxruntime", "onnxruntime-int8"), ("tvm", "tvm-int8")]
 
@@ -75,7 +75,7 @@ def main():
         "model": label,
         "batch": a.batch,
         "threads": a.threads,
-        "host": host_info(),
+        "host": host_info(torch_info=True),
         "median_ms": med,
         "p90_ms": {k: float(np.percentile(v, 90)) for k, v in times.items()},
         "rows": rows,

@@ -55,7 +55,14 @@ def load_artifact(path, reference_ok: bool = False, threads: int | None = None):
     return load(path, threads=threads, reference_ok=reference_ok)
 
 
-from . import bench  # noqa: E402  (a callable module: crate_edge.bench(...) runs crate_edge.bench.bench)
+# crate_edge.bench is the function, not the subpackage of the same name. Importing the subpackage
+# binds the name to the module (the import system sets the attribute once, when the subpackage is
+# first loaded); this line, run while the package itself loads, rebinds it to the function, and
+# later imports of crate_edge.bench.* find the subpackage in sys.modules and leave it alone. So
+# `crate_edge.bench(...)`, `from crate_edge import bench` and `from crate_edge.bench import BenchReport`
+# all work; `import crate_edge.bench as b` gives the function too. Torch-free: bench imports
+# numpy and the manifest reader only.
+from .bench import bench  # noqa: E402
 
 # submodules with the other verbs: crate_edge.parity.parity(...), crate_edge.search.search(...),
 # crate_edge.runtime.load(...), crate_edge.testing.assert_parity(...)

@@ -334,7 +334,7 @@ def test_quiesce_waits_for_a_busy_worker():
     import time
     import types
 
-    from crate_edge.bench import _cpu_s, _quiesce
+    from crate_edge.bench.measure import _cpu_s, _quiesce
 
     assert _cpu_s(os.getpid()) > 0
     p = subprocess.Popen([sys.executable, "-c", "import time\nt=time.time()\nwhile time.time()-t<0.4: pass\ntime.sleep(30)"])
@@ -418,7 +418,7 @@ def test_device_resident_timing_path():
     input copy per batch size, one time per call."""
     import torch
 
-    from crate_edge.bench import _Worker
+    from crate_edge.bench.worker import _Worker
 
     w = _Worker()
     seen = []
