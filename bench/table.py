@@ -263,14 +263,15 @@ def runnable_targets(names: list[str] | None, device: str = "cpu") -> tuple[list
     """The targets to measure (default: every target whose artifacts execute on `device`) and,
     for those that cannot compile or run here, why."""
     keep, skipped = [], {}
-    for name in names or [n for n in list_targets() if load_target(n).device == device]:
+    # on "cpu", Core ML targets ("apple") are listed too, so that they show with why they cannot run here
+    for name in names or [n for n in list_targets() if load_target(n).device in (device, "apple" if device == "cpu" else device)]:
         t = load_target(name)
         be = get_backend(t.backend)
-        ok, why = be.can_compile(t)
+        ok, why = be.available(t)
         if not ok:
             skipped[name] = f"cannot compile here: {why}"
             continue
-        ok, why = be.can_run_target(t)
+        ok, why = be.available(t, run=True)
         if not ok:
             skipped[name] = f"cannot run here: {why}"
             continue

@@ -260,18 +260,19 @@ def demo(out):
 def targets():
     """List every target, whether it can compile and run here, and if not, why.
 
-    Python: crate_edge.targets.list_targets(), crate_edge.backends.get_backend(name).available()"""
+    Python: crate_edge.targets.list_targets(), crate_edge.backends.get_backend(name).available(target)
+    and .capabilities"""
     from .backends import get_backend
     from .targets import list_targets, load_target
 
     for name in list_targets():
         t = load_target(name)
         be = get_backend(t.backend)
-        ok, why = be.can_compile(t)
-        run_ok, run_why = be.can_run_target(t)
+        ok, why = be.available(t)
+        run_ok, run_why = be.available(t, run=True)
         status = "compile: yes" if ok else f"compile: NO ({why})"
         status += ", run: yes" if run_ok else f", run: NO ({run_why})"
-        click.echo(f"{name:<16} {t.backend:<12} {t.precision:<5} {status}")
+        click.echo(f"{name:<16} {t.backend:<12} {t.precision:<5} {t.device:<5} {status}")
 
 
 @main.command("compile")

@@ -15,11 +15,12 @@ import torch
 from . import rewrites
 from ._version import __version__
 from .backends import get_backend
-from .backends.base import host_info
+from .backends.base import PRECISION_KEYS
 from .checkpoint import load_model, model_hash
 from .data import open_inputs
 from .errors import BackendUnavailable, CrateEdgeError
-from .export import export
+from .export import export_module
+from .host import host_info
 from .manifest import ARTIFACT_FORMAT, MANIFEST, file_hashes
 from .metrics import check_tolerances, logit_parity
 from .outputs import atomic_dir, check_writable
@@ -79,8 +80,8 @@ def compile(
     say = log or (lambda s: print(s, file=sys.stderr))
     t = target if isinstance(target, Target) else load_target(target)
     be = get_backend(t.backend)
-    be.require()
-    ok, why = be.can_compile(t)
+    check_offer(be, t)
+    ok, why = be.available(t)
     if not ok:
         raise BackendUnavailable(f"target {t.name}: {why}")
     src = model if isinstance(model, torch.nn.Module) else load_model(model)
@@ -130,11 +131,13 @@ def compile(
     say(
         f"[{t.name}] torch.export (batch {'dynamic ' + str(list(t.dynamic_batch)) if t.dynamic_batch else bs}), rewrites: {', '.join(names) or 'none'}"
     )
-    ep = export(module, example, t.dynamic_batch)
+    exported = export_module(module, example, t.dynamic_batch)
 
     with atomic_dir(out, "artifact", say=say) as tmp:
         say(f"[{t.name}] lowering with {be.name}")
-        comp = be.compile(module, ep, example, t, tmp, quant=plan)
+        comp = be.compile(exported, t, tmp, quant=plan)
+        if sorted(comp.precision) != sorted(PRECISION_KEYS):
+            raise CrateEdgeError(f"backend {be.name}: its precision map has keys {sorted(comp.precision)}, not {list(PRECISION_KEYS)}")
         depth = cfg.depth
         manifest: dict[str, Any] = {
             "format": ARTIFACT_FORMAT,
@@ -148,19 +151,19 @@ def compile(
                 "name": "images",
                 "shape": [bs, *cfg.input_shape],
                 "dtype": "float32",
-                "batch_range": list(t.dynamic_batch) if t.dynamic_batch else [bs, bs],
+                "batch_range": list(comp.batch_range or t.dynamic_batch or (bs, bs)),
                 "preprocessing": {"scale": 1 / 255, "mean": cfg.mean, "std": cfg.std},
             },
             "outputs": ["logits"]
             + ([f"mssa_features_{i}" for i in range(depth)] + [f"ista_out_{i}" for i in range(depth)] if probe else []),
             "probe": probe,
-            "precision": comp.precision or {"*": t.precision},
+            "precision": comp.precision,
             "rewrites": names,
             "quantization": plan.manifest() if plan is not None else None,
             "verified": comp.verified,
             "not_verified": comp.not_verified,
             "files": file_hashes(tmp, comp.files),
-            "host": host_info(),
+            "host": host_info(torch_info=True),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str))
 
@@ -192,6 +195,26 @@ def compile(
     return final
 
 
+def check_offer(be, t) -> None:
+    """A target file asks only for what its backend declares (Backend.capabilities): its
+    precision, its [quantize] scheme, its device. One line otherwise, before any work."""
+    cap = be.capabilities
+    if t.precision not in cap.precisions:
+        raise CrateEdgeError(
+            f"target {t.name}: precision {t.precision} is not supported by backend {be.name} (it compiles {', '.join(cap.precisions)})"
+        )
+    qc = QuantConfig.from_target(t)
+    if qc is not None and qc.scheme not in cap.quant_schemes:
+        raise CrateEdgeError(
+            f"target {t.name}: quantize.scheme {qc.scheme} is not supported by backend {be.name} "
+            f"(it quantizes: {', '.join(cap.quant_schemes) or 'nothing'})"
+        )
+    if t.device not in cap.devices:
+        raise CrateEdgeError(
+            f"target {t.name}: device {t.device} is not supported by backend {be.name} (it runs on {', '.join(cap.devices)})"
+        )
+
+
 def compile_each(model, targets, root, prefix: str = "", reuse: bool = False, log=None, **kw):
     """Compile `model` for each target into root/<prefix><target>; for the measurement scripts.
     Returns ({target: Runner}, {target: why it was skipped}): a target whose backend is not
@@ -204,7 +227,7 @@ def compile_each(model, targets, root, prefix: str = "", reuse: bool = False, lo
     arts, skipped = {}, {}
     for name in targets:
         t = name if isinstance(name, Target) else load_target(name)
-        ok, why = get_backend(t.backend).can_compile(t)
+        ok, why = get_backend(t.backend).available(t)
         if not ok:
             skipped[t.name] = why
             say(f"[skip] {t.name}: {why}")

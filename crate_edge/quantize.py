@@ -107,16 +107,22 @@ class QuantPlan:
     """What a backend's compile(..., quant=plan) gets: the config, the sites to quantize
     (site name -> module path in the module handed to the backend, which may be a Probe
     wrapper) and calibration inputs (prepared float32 NCHW images from the training split).
-    `calibration_record` is crate_edge.data.InputSet.record() of those images (for the manifest)."""
+    `calibration_record` is crate_edge.data.InputSet.record() of those images (for the manifest);
+    `ranges` is the crate_edge.calibration.Calibration the backend quantized with (set by
+    crate_edge.calibration.calibrate; recorded in the manifest)."""
 
     config: QuantConfig
     sites: dict[str, str]
     calibration: torch.Tensor
     calibration_record: dict[str, Any] | None = None
+    ranges: Any = None
 
     def manifest(self) -> dict[str, Any]:
         cal = self.calibration_record or {"spec": self.config.calibration_data, "split": "train", "images": int(len(self.calibration))}
-        return {"config": self.config.to_dict(), "sites": sorted(self.sites), "keep_float": list(KEEP_FLOAT), "calibration": dict(cal)}
+        out = {"config": self.config.to_dict(), "sites": sorted(self.sites), "keep_float": list(KEEP_FLOAT), "calibration": dict(cal)}
+        if self.ranges is not None:
+            out["ranges"] = self.ranges.record()
+        return out
 
 
 def quant_rewrites(rewrites: list[str], qc: "QuantConfig | None") -> list[str]:

@@ -108,9 +108,9 @@ def runner_for(art_dir: Path, manifest: dict[str, Any], threads: int | None = No
         from .backends import get_backend  # here, not at the top: these runtimes' bindings need torch
 
         backend = get_backend(be)
-        ok, why = backend.can_run(m)
+        ok, why = backend.available(run=True, manifest=m)
         if ok:
-            return Runner(d, m, backend.load(d, m, threads=threads), be, threads=threads)
+            return Runner(d, m, backend.runner(d, m, threads=threads), be, threads=threads)
     except BackendUnavailable as e:
         why = str(e)
     except ImportError as e:

@@ -50,9 +50,9 @@ def ort_session(path: Path, threads: int | None = None, providers: list[str] | N
     return ort.InferenceSession(str(path), so, providers=[p for p in want if p in avail] or ["CPUExecutionProvider"])
 
 
-def tvm_vm_runner(lib_path: Path, device: str, static_batch: int | None = None, threads: int | None = None):
-    """numpy float32 NCHW -> [logits, ...] through the Relax VM (TVM runtime only). A library
-    built for one static batch gets inputs padded/split to that batch."""
+def tvm_vm_runner(lib_path: Path, device: str, threads: int | None = None):
+    """numpy float32 NCHW -> [logits, ...] through the Relax VM (TVM runtime only), one call per
+    batch (crate_edge.runtime.Runner fits batches to the artifact's batch range)."""
     import tvm
     from tvm.runtime import vm as rvm
 
@@ -71,16 +71,7 @@ def tvm_vm_runner(lib_path: Path, device: str, static_batch: int | None = None, 
         return [o.numpy() for o in outs]
 
     def run(x: np.ndarray):
-        if static_batch is None or len(x) == static_batch:
-            return once(x)
-        parts = []
-        for i in range(0, len(x), static_batch):
-            c = x[i : i + static_batch]
-            n = len(c)
-            if n < static_batch:
-                c = np.concatenate([c, np.zeros((static_batch - n, *c.shape[1:]), c.dtype)])
-            parts.append([o[:n] for o in once(c)])
-        return [np.concatenate(p) for p in zip(*parts)]
+        return once(x)
 
     run._keep = (lib, vm)  # the VM must not outlive its library
     return run
@@ -117,7 +108,7 @@ def tvm_runner(art_dir: Path, manifest: dict, threads: int | None = None):
         raise BackendUnavailable(
             f"{art_dir} is a TVM CUDA build and this machine has no CUDA GPU (run it on a GPU host with the TVM runtime)"
         )
-    run = tvm_vm_runner(Path(art_dir) / TVM_LIBRARY, device, be.get("static_batch"), threads or _options(manifest).get("threads"))
+    run = tvm_vm_runner(Path(art_dir) / TVM_LIBRARY, device, threads or _options(manifest).get("threads"))
     return run, f"Relax VM ({device})"
 
 

@@ -39,8 +39,10 @@ class Target:
     @property
     def device(self) -> str:
         """Where the target's artifacts execute: "cuda" (options.device, a TVM cuda target, or
-        TensorRT) or "cpu"."""
+        TensorRT), "apple" (Core ML) or "cpu"."""
         tgt = self.options.get("target")
+        if self.backend == "coreml":
+            return "apple"
         if self.options.get("device") == "cuda" or (isinstance(tgt, dict) and tgt.get("kind") == "cuda") or self.backend == "tensorrt":
             return "cuda"
         return "cpu"

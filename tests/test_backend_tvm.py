@@ -14,7 +14,7 @@ pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install 'cra
 from crate_edge import BackendUnavailable, CrateEdgeError, create_model, load_artifact, load_model  # noqa: E402
 from crate_edge.backends import get_backend  # noqa: E402
 from crate_edge.compiler import compile  # noqa: E402
-from crate_edge.export import export  # noqa: E402
+from crate_edge.export import Exported, export  # noqa: E402
 from crate_edge.rewrites import apply  # noqa: E402
 from crate_edge.targets import load_target  # noqa: E402
 
@@ -45,7 +45,7 @@ def test_cpu_artifact_parity_and_dynamic_batch(ref, cpu_art):
     assert m["parity"]["passed"] and m["parity"]["max_abs"] <= 1e-4, m["parity"]
     assert m["parity"]["executor"] == "tvm"
     assert m["backend"]["device"] == "cpu" and m["backend"]["batch"] == "dynamic [1, 256]"
-    assert "static_batch" not in m["backend"]
+    assert m["input"]["batch_range"] == [1, 256]
     assert "model.so" in m["files"]
     art = load_artifact(cpu_art.path)
     for b in (1, 3):
@@ -83,15 +83,16 @@ def test_cuda_builds_here_and_refuses_to_run_without_a_gpu(ref, tmp_path):
     ep = export(module, torch.from_numpy(example), t.dynamic_batch)
     out = tmp_path / "cuda"
     out.mkdir()
-    comp = be.compile(module, ep, torch.from_numpy(example), t, out)
+    comp = be.compile(Exported(module, ep, torch.from_numpy(example), t.dynamic_batch), t, out)
     assert comp.info["device"] == "cuda" and "execution" in comp.not_verified
     assert (out / "model.so").stat().st_size > 0
     # the CUDA kernels are in the library, as source handed to nvcc and as device code
     assert b"cuda" in (out / "model.so").read_bytes()
     manifest = {"backend": {"name": "tvm", **comp.info}, "target": {"definition": t.raw}}
-    assert be.can_run(manifest)[0] is False and "no CUDA GPU" in be.can_run(manifest)[1]
+    av = be.available(run=True, manifest=manifest)
+    assert av.ok is False and "no CUDA GPU" in av.reason
     with pytest.raises(BackendUnavailable, match="CUDA build and this machine has no CUDA GPU"):
-        be.load(out, manifest)
+        be.runner(out, manifest)
     # the numerics of the same Relax module, built for this CPU, against eager
     run, label = be.reference_runner(out, manifest)
     assert "not the CUDA library" in label
@@ -101,7 +102,7 @@ def test_cuda_builds_here_and_refuses_to_run_without_a_gpu(ref, tmp_path):
 
 def test_cuda_through_the_compile_flow(ref, tmp_path):
     """The compile flow's parity check loads the artifact; without a GPU that refuses clearly
-    (or, where load_artifact asks can_run about the artifact, parity runs on the CPU twin)."""
+    (or, where load_artifact asks available(run=True) about the artifact, parity runs on the CPU twin)."""
     _no_gpu_but_nvcc()
     try:
         art = compile(ref, "tvm-cuda", out=tmp_path / "cuda", parity_limit=100, **QUIET)

@@ -120,7 +120,7 @@ def test_interrupted_compile_leaves_no_artifact(micro, tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     from crate_edge.backends.onnxruntime import ONNXRuntimeBackend
 
-    def boom(self, module, ep, example, target, out, quant=None):
+    def boom(self, exported, target, out, quant=None):
         (out / "model.onnx").write_bytes(b"half written")
         raise KeyboardInterrupt
 
@@ -131,9 +131,12 @@ def test_interrupted_compile_leaves_no_artifact(micro, tmp_path, monkeypatch):
 
 
 def test_missing_backend_package(micro, tmp_path, monkeypatch):
+    import dataclasses
+
     from crate_edge.backends.onnxruntime import ONNXRuntimeBackend
 
-    monkeypatch.setattr(ONNXRuntimeBackend, "packages", ("onnxruntime", "no_such_package_xyz"))
+    cap = dataclasses.replace(ONNXRuntimeBackend.capabilities, compile_needs=("onnxruntime", "no_such_package_xyz"))
+    monkeypatch.setattr(ONNXRuntimeBackend, "capabilities", cap)
     with pytest.raises(BackendUnavailable, match=r"no_such_package_xyz not installed \(pip install 'crate-edge\[onnx\]'\)"):
         compile(micro, "onnxruntime", out=tmp_path / "art", log=lambda s: None)
 
@@ -164,7 +167,7 @@ def test_coreml_conversion_is_verified_but_not_executed_here(micro, tmp_path):
     art = compile(micro, "coreml", out=tmp_path / "cm", parity_limit=300, log=lambda s: None)
     m = art.manifest
     assert m["backend"]["fused_attention_ops"] == micro.cfg.depth  # iOS18: one SDPA op per layer
-    assert m["backend"]["mil_dtypes"].get("fp16", 0) > 0 and m["precision"]["compute"] == "fp16"
+    assert m["backend"]["mil_dtypes"].get("fp16", 0) > 0 and m["precision"]["default"] == "fp16"
     assert (tmp_path / "cm" / "model.mlpackage" / "Manifest.json").exists()
     if platform.system() != "Darwin":
         assert "not Core ML" in m["parity"]["executor"] and "execution" in m["not_verified"]
@@ -218,12 +221,15 @@ def test_compile_each_skips_with_reasons_and_reuses(micro, tmp_path, monkeypatch
     """The measurement scripts' loop: a failing target and a missing backend are skipped with the
     reason, never silently; reuse loads the same model's artifact instead of compiling again."""
     pytest.importorskip("onnxruntime")
+    from crate_edge.backends.base import Availability
     from crate_edge.backends.tvm import TVMBackend
     from crate_edge.compiler import compile_each
 
     strict = tmp_path / "strict.toml"
     strict.write_text('backend = "onnxruntime"\nrewrites = ["fold_ista"]\n[parity]\nmax_abs = 1e-12\n')
-    monkeypatch.setattr(TVMBackend, "available", lambda self: (False, "apache-tvm not installed (pip install 'crate-edge[tvm]')"))
+    monkeypatch.setattr(
+        TVMBackend, "available", lambda self, *a, **k: Availability(False, "apache-tvm not installed (pip install 'crate-edge[tvm]')")
+    )
     said = []
     arts, skipped = compile_each(micro, ["onnxruntime", strict, "tvm"], tmp_path / "a", prefix="m-", parity_limit=50, log=said.append)
     assert list(arts) == ["onnxruntime"] and arts["onnxruntime"].path == tmp_path / "a" / "m-onnxruntime"

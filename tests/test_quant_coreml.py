@@ -101,7 +101,8 @@ def test_manifest_says_what_is_and_is_not_verified(arts, name, model):
     assert len(q["sites"]) == 2 + 3 * model.cfg.depth  # embed, head and qkv/out/ista per layer
     assert set(m["backend"]["quant_sites"]) == set(q["sites"])
     assert "compression" in m["verified"] and "conversion" in m["verified"]
-    assert m["precision"]["compute"] == "fp16" and "sites" in m["precision"]["weights"]
+    assert m["precision"]["default"] == "fp16" and set(m["precision"]["sites"]) == set(q["sites"])
+    assert "sites" in m["precision"]["detail"]["weights"]
     assert check_tolerances(m["parity"], load_target(name).parity) == []
     if OFF_MAC:
         assert "execution" in m["not_verified"] and "macOS" in m["not_verified"]["execution"]
@@ -136,9 +137,9 @@ def test_compressed_weights_exactly_on_the_sites(arts, name, weight_op):
     else:
         assert not quant_in and "quantize" not in ops
     # the float remainder is untouched: attention, LayerNorm, softmax, ReLU run in fp16
-    fp16_ops = set(art.manifest["precision"]["ops_by_dtype"]["fp16"])
+    fp16_ops = set(art.manifest["precision"]["detail"]["ops_by_dtype"]["fp16"])
     assert {"layer_norm", "scaled_dot_product_attention", "relu", "linear", "add"} <= fp16_ops
-    assert art.manifest["precision"]["ops_by_dtype"].get("fp32", []) == ["cast"]  # only the fp32 I/O casts
+    assert art.manifest["precision"]["detail"]["ops_by_dtype"].get("fp32", []) == ["cast"]  # only the fp32 I/O casts
 
 
 def test_only_configured_sites_are_compressed(model, tmp_path):
@@ -193,7 +194,7 @@ def test_compressed_packages_are_smaller_than_fp16(arts):
 
 def test_fp16_target_precision_map_is_exact(arts):
     m = arts["coreml"].manifest
-    by = m["precision"]["ops_by_dtype"]
+    by = m["precision"]["detail"]["ops_by_dtype"]
     assert by["fp32"] == ["cast"] and "linear" in by["fp16"] and "softmax" not in by.get("fp32", [])
     assert m["quantization"] is None and m["parity"]["executor"].startswith("torch (float16)")
 
@@ -203,7 +204,7 @@ def test_fp16_target_precision_map_is_exact(arts):
     [
         ({"scheme": "fp8"}, "not supported"),
         ({"scheme": "palettize", "nbits": 5}, "nbits"),
-        ({"scheme": "int8", "calibration": "entropy"}, "calibration"),
+        ({"scheme": "int8", "calibration": "mse"}, "calibration"),
     ],
 )
 def test_bad_quantize_tables_are_refused(model, tmp_path, change, match):

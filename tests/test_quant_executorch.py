@@ -10,6 +10,7 @@ pytest.importorskip("torchao.quantization.pt2e", reason="torchao (PT2E quantizat
 
 import crate_edge  # noqa: E402
 from crate_edge.backends import executorch as et  # noqa: E402
+from crate_edge.calibration import observe_ranges  # noqa: E402
 from crate_edge.compiler import compile  # noqa: E402
 from crate_edge.errors import CrateEdgeError  # noqa: E402
 from crate_edge.metrics import check_tolerances  # noqa: E402
@@ -43,7 +44,9 @@ def test_manifest_quantization_block(int8):
     assert len(q["sites"]) == 2 + 3 * model.cfg.depth  # embed, head, and qkv/out/ista per layer
     for op in ("layer_norm", "softmax", "residual_add", "ista_threshold_relu"):
         assert op in q["keep_float"]
-    assert m["precision"]["*"] == "fp32" and m["precision"]["linear sites"].startswith("int8 (per-channel w")
+    prec = m["precision"]
+    assert prec["default"] == "fp32" and set(prec["sites"]) == set(q["sites"])
+    assert all(v.startswith("int8 GEMM (weights int8 per-channel") for v in prec["sites"].values())
     expected_fold = "fold_ista_update" if q["config"]["ista"] == "update" else "fold_ista"
     assert expected_fold in m["rewrites"]
 
@@ -100,10 +103,11 @@ def test_quantizer_annotates_only_the_sites():
     module = rewrites.apply(model, ["shift_patch_norm", "fold_ista_update", "bmm_attention", "linear_layernorm"])
     sites = quant_sites(module, qc)
     assert sorted(sites) == ["0.ista", "0.qkv", "1.ista", "1.qkv"]
-    config, label = et.quantization_config(qc)
-    assert label.startswith("MinMaxObserver")
-    q = et._site_quantizer(sites, config)
     x = torch.randn(2, *model.cfg.input_shape)
+    ranges = observe_ranges(module, sites, torch.randn(8, *model.cfg.input_shape), "max", outputs=True)
+    configs, label = et.quantization_configs(qc, ranges)
+    assert label.startswith("crate_edge.calibration max")
+    q = et._site_quantizer(sites, configs)
     gm = torch.export.export(module, (x,), strict=False).module()
     prepared = prepare_pt2e(gm, q)
     assert sorted(q.annotated) == sorted(sites) and all(len(v) == 1 for v in q.annotated.values())
@@ -117,16 +121,15 @@ def test_quantizer_annotates_only_the_sites():
             assert n.args[0] in lin_obs or set(n.users) <= set(lin_obs), n.format_node()
 
 
-def test_percentile_observer_clips_outliers():
-    cls = et._percentile_observer_cls()
-    obs = cls(percentile=99.0, dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine)
-    x = torch.linspace(-1, 1, 10001)
-    x[0], x[-1] = -100.0, 100.0  # two outliers beyond the 1st / 99th percentiles
-    obs(x)
+def test_fixed_range_observer_gives_torchaos_qparams_of_the_range():
+    """The observer holds crate_edge.calibration's range: whatever it sees, its qparams are
+    torchao's affine int8 arithmetic on that range."""
+    cls = et._fixed_observer_cls()
+    obs = cls(lo=-0.5, hi=2.0, dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine)
+    obs(torch.linspace(-100, 100, 1001))  # observes nothing
     scale, zp = obs.calculate_qparams()
-    assert float(scale) < 2 * 1.0 / 127  # range ~[-0.98, 0.98], not [-100, 100]
-    mm = et.quantization_config(QuantConfig(calibration="max"))[1]
-    assert mm.startswith("MinMax")
+    assert abs(float(scale) - 2.5 / 255) < 1e-7
+    assert int(zp) == -128 + round(0.5 / (2.5 / 255))
 
 
 def test_bad_activation_mode_is_one_line_error():

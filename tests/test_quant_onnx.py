@@ -292,15 +292,16 @@ def test_bad_quantization_requests_are_one_line_errors(tmp_path):
     from crate_edge import CrateEdgeError
     from crate_edge.backends.onnxruntime import ONNXRuntimeBackend
     from crate_edge.backends.tensorrt import TensorRTBackend
+    from crate_edge.export import Exported
     from crate_edge.quantize import QuantConfig, QuantPlan
     from crate_edge.targets import load_target
 
     plan = lambda **kw: QuantPlan(QuantConfig(**kw), {}, torch.zeros(1, 1, 28, 28))  # noqa: E731
     ort_t, trt_t = load_target("onnxruntime-int8"), load_target("tensorrt-int8")
     with pytest.raises(CrateEdgeError, match="int8 with static activations only"):
-        ONNXRuntimeBackend().compile(None, None, None, ort_t, tmp_path, quant=plan(scheme="fp8"))
+        ONNXRuntimeBackend().compile(Exported(None, None, None, None), ort_t, tmp_path, quant=plan(scheme="fp8"))
     with pytest.raises(CrateEdgeError, match="int8 or fp8 with static activations"):
-        TensorRTBackend().compile(None, None, None, trt_t, tmp_path, quant=plan(scheme="int8", activations="none"))
+        TensorRTBackend().compile(Exported(None, None, None, None), trt_t, tmp_path, quant=plan(scheme="int8", activations="none"))
     from crate_edge.backends.onnxruntime import quantize_int8_qdq
 
     with pytest.raises(CrateEdgeError, match="activation_type"):

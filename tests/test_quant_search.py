@@ -12,7 +12,7 @@ from crate_edge.errors import CrateEdgeError
 from crate_edge.search import _sensitivity, search
 from crate_edge.targets import load_target
 
-pytestmark = pytest.mark.skipif(not get_backend("onnxruntime").available()[0], reason="onnxruntime not installed")
+pytestmark = pytest.mark.skipif(not get_backend("onnxruntime").available().ok, reason="onnxruntime not installed")
 
 
 def test_sensitivity_is_the_noise_power_each_block_adds():

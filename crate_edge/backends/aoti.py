@@ -9,42 +9,40 @@ import torch
 
 from ..errors import CrateEdgeError
 from ..export import export
-from .base import Backend, Compiled
+from .base import Availability, Backend, Capabilities, Compiled, precision_map
 
 PACKAGE = "model.pt2"
 
 
 class AOTIBackend(Backend):
     name = "aoti"
-    packages = ("torch",)
-    extra = "test"
+    capabilities = Capabilities(
+        devices=("cpu", "cuda"),
+        precisions=("fp32",),
+        compile_needs=("torch",),
+        run_needs=("torch",),
+        distributions=("torch",),
+        extra="test",
+    )
 
-    def dists(self):
-        return ["torch"]
-
-    def available(self):
+    def available(self, target=None, run: bool = False, manifest: dict | None = None) -> Availability:
+        """AOTInductor compiles C++ (a compiler on PATH); a CUDA package is compiled and run on a
+        CUDA host."""
         import shutil
 
-        if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-            return False, "no C++ compiler on PATH (AOTInductor compiles C++)"
-        return True, ""
+        if not run and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+            return Availability(False, "no C++ compiler on PATH (AOTInductor compiles C++)")
+        device = (manifest or {}).get("backend", {}).get("device") or (target.device if target is not None else "cpu")
+        if device == "cuda" and not torch.cuda.is_available():
+            what = "runs" if run else "compiles"
+            return Availability(False, f"AOTInductor {what} a CUDA package on a CUDA host, and there is no CUDA GPU here")
+        return super().available(target, run, manifest)
 
-    def can_compile(self, target):
-        ok, why = self.available()
-        if ok and target.device == "cuda" and not torch.cuda.is_available():
-            return False, "AOTInductor compiles a CUDA package on a CUDA host, and there is no CUDA GPU here"
-        return ok, why
-
-    def can_run(self, manifest: dict | None = None):
-        ok, why = super().can_run()
-        if ok and (manifest or {}).get("backend", {}).get("device") == "cuda" and not torch.cuda.is_available():
-            return False, "this artifact was compiled for CUDA and there is no CUDA GPU here"
-        return ok, why
-
-    def compile(self, module, ep, example, target, out: Path, quant=None) -> Compiled:
+    def compile(self, exported, target, out: Path, quant=None) -> Compiled:
+        module, ep, example = exported.module, exported.program, exported.example
         if quant is not None:
             raise CrateEdgeError(f"backend {self.name} has no reduced-precision path yet")
-        device = target.device  # compile() has checked can_compile: a cuda target means a GPU here
+        device = target.device  # compile() has asked available(target): a cuda target means a GPU here
         if device == "cuda":
             module = module.cuda()
 
@@ -52,12 +50,12 @@ class AOTIBackend(Backend):
         torch._inductor.aoti_compile_and_package(ep, package_path=str(out / PACKAGE))
         return Compiled(
             files=[PACKAGE],
-            precision={"*": "fp32"},
+            precision=precision_map("fp32"),
             info={"device": device},
             verified={"execution": f"AOTInductor ({device}) on this machine"},
         )
 
-    def load(self, art_dir: Path, manifest: dict, threads: int | None = None):
+    def runner(self, art_dir: Path, manifest: dict, threads: int | None = None):
         device = manifest["backend"].get("device", "cpu")
         if threads:  # the package's CPU kernels run on torch's intra-op pool
             torch.set_num_threads(int(threads))

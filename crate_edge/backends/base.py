@@ -1,98 +1,133 @@
-"""The one narrow interface every backend implements (as ExecuTorch backends do): is it
-available here, compile, load, run. Each backend imports its library lazily."""
+"""The one narrow interface every backend implements (as ExecuTorch backends do):
+
+  * ``capabilities``: what it offers, as declared data (devices, precisions, quantization
+    schemes, the modules it needs);
+  * ``available(target=None, run=False, manifest=None) -> Availability``: can this machine
+    compile for it (or, with run, execute its artifacts), and if not, why, as data;
+  * ``compile(exported, target, out, quant=None) -> Compiled``: lower a crate_edge.export.Exported
+    into files under `out`;
+  * ``runner(art_dir, manifest, threads=None)``: a raw runner for a verified artifact (batches
+    within its range; crate_edge.runtime.Runner wraps it), and, where artifacts cannot execute
+    here, ``reference_runner`` names the closest executor of the same network.
+
+Each backend imports its library lazily."""
 
 from __future__ import annotations
 
 import importlib.util
-import platform
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
-from ..errors import BackendUnavailable
 from ..runtimes import RUNNERS
+
+DEVICES = ("cpu", "cuda", "apple")  # apple: Core ML's CPU / GPU / Neural Engine
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+ACTIVATION_SCALING = ("affine", "symmetric", "weight-only", "dynamic")
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Whether a backend can do something here; `reason` says why not (one line)."""
+
+    ok: bool
+    reason: str = ""
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+    def __iter__(self):  # ok, why = backend.available(...)
+        return iter((self.ok, self.reason))
+
+
+YES = Availability(True)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """A backend's offer, declared once: `crate-edge targets`, the compiler's checks of a target
+    file, the bench table and the tests read it from here."""
+
+    devices: tuple[str, ...]  # where its artifacts execute (DEVICES)
+    precisions: tuple[str, ...]  # the target `precision` values it compiles (PRECISIONS)
+    # [quantize] scheme -> how its activations are scaled from crate_edge.calibration's ranges
+    quant_schemes: dict[str, str] = field(default_factory=dict)
+    compile_needs: tuple[str, ...] = ()  # importable modules needed to compile
+    run_needs: tuple[str, ...] = ()  # importable modules needed to execute its artifacts
+    distributions: tuple[str, ...] = ()  # pip distributions whose versions a manifest records
+    extra: str = ""  # the crate-edge pip extra that installs them
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass
 class Compiled:
-    """What a backend's compile returns: the files it wrote (relative to the artifact dir),
-    its precision map, what it verified, and anything else for the manifest."""
+    """What a backend's compile returns: the files it wrote (relative to the artifact dir), its
+    precision map (`precision_map`), what it verified, and anything else for the manifest."""
 
     files: list[str]
-    precision: dict[str, str] = field(default_factory=dict)
+    precision: dict[str, Any]
     verified: dict[str, str] = field(default_factory=dict)  # what -> how / where
     not_verified: dict[str, str] = field(default_factory=dict)  # what -> why not
     info: dict[str, Any] = field(default_factory=dict)
+    # the batch range the artifact accepts, when the backend pinned it (None: the target's);
+    # crate_edge.runtime.Runner pads and splits inputs to it
+    batch_range: tuple[int, int] | None = None
+
+
+PRECISION_KEYS = ("default", "io", "sites", "detail")
+
+
+def precision_map(default: str, sites: dict[str, str] | None = None, io: str = "fp32", **detail: Any) -> dict[str, Any]:
+    """The one shape of every artifact's precision map: `default` is the precision of everything
+    not listed, `io` of the inputs and outputs, `sites` the precision of each quantization site's
+    GEMM (site -> description), `detail` whatever else the backend can say (op dtypes, weights)."""
+    return {"default": default, "io": io, "sites": dict(sites or {}), "detail": detail}
 
 
 Runner = Callable[[np.ndarray], list[np.ndarray]]  # float32 NCHW batch -> output arrays
 
 
+def _missing(mods) -> list[str]:
+    out = []
+    for m in mods:
+        try:
+            if importlib.util.find_spec(m) is None:
+                out.append(m)
+        except (ImportError, ValueError):  # a parent package missing
+            out.append(m)
+    return out
+
+
 class Backend:
     name: str = ""
-    packages: tuple[str, ...] = ()  # importable modules needed to compile
-    runtime_packages: tuple[str, ...] | None = None  # needed to run (default: packages)
-    extra: str = ""  # pip extra that installs them
+    capabilities: Capabilities
 
-    def missing(self, mods) -> list[str]:
-        return [m for m in mods if importlib.util.find_spec(m) is None]
-
-    def available(self) -> tuple[bool, str]:
-        """Can this machine compile for the backend? (ok, reason when not)"""
-        miss = self.missing(self.packages)
+    def available(self, target=None, run: bool = False, manifest: dict | None = None) -> Availability:
+        """Can this machine compile for this backend (the `target`, when given), or with `run`,
+        execute its artifacts (the artifact's `manifest`, or what `target` would produce)?
+        Backends with more conditions (a GPU, macOS, a C++ compiler) extend this."""
+        cap = self.capabilities
+        miss = _missing(cap.run_needs if run else cap.compile_needs)
         if miss:
-            return False, f"{', '.join(miss)} not installed (pip install 'crate-edge[{self.extra}]')"
-        return True, ""
+            what = "runtime " if run else ""
+            return Availability(False, f"{what}{', '.join(miss)} not installed (pip install 'crate-edge[{cap.extra}]')")
+        return YES
 
-    def can_compile(self, target) -> tuple[bool, str]:
-        """Can this machine compile this target? available(), unless the target needs more."""
-        return self.available()
-
-    def can_run_target(self, target) -> tuple[bool, str]:
-        """can_run for the artifacts a target file would produce (before compiling one)."""
-        return self.can_run({"backend": {"device": target.device}, "target": {"definition": target.raw}})
-
-    def can_run(self, manifest: dict | None = None) -> tuple[bool, str]:
-        """Can this machine execute the backend's artifacts?"""
-        miss = self.missing(self.runtime_packages if self.runtime_packages is not None else self.packages)
-        if miss:
-            return False, f"runtime {', '.join(miss)} not installed"
-        return True, ""
-
-    def require(self):
-        ok, why = self.available()
-        if not ok:
-            raise BackendUnavailable(f"backend {self.name} unavailable: {why}")
-
-    def versions(self) -> dict[str, str]:
-        from importlib.metadata import PackageNotFoundError, version
-
-        out = {}
-        for dist in self.dists():
-            try:
-                out[dist] = version(dist)
-            except PackageNotFoundError:
-                pass
-        return out
-
-    def dists(self) -> list[str]:
-        return []
-
-    def compile(
-        self, module: torch.nn.Module, ep: "torch.export.ExportedProgram", example: torch.Tensor, target, out: Path, quant=None
-    ) -> Compiled:
-        """Lower `ep` (torch.export of the rewritten `module`, dynamic batch) into files under `out`.
-        `quant` is a crate_edge.quantize.QuantPlan for a reduced-precision target (else None);
-        a backend that cannot honour it raises CrateEdgeError."""
+    def compile(self, exported, target, out: Path, quant=None) -> Compiled:
+        """Lower `exported` (a crate_edge.export.Exported: the rewritten eager module, its
+        torch.export program with the target's batch range, and the example input) into files
+        under `out`. `quant` is a crate_edge.quantize.QuantPlan for a reduced-precision target
+        (else None); a backend that cannot honour it raises CrateEdgeError."""
         raise NotImplementedError
 
-    def load(self, art_dir: Path, manifest: dict, threads: int | None = None) -> Runner:
-        """A runner for the artifact (called by crate_edge.runtime.load after verification):
-        ONNX Runtime, TVM and Core ML artifacts run through crate_edge.runtimes' torch-free
-        runners; a backend whose runtime needs torch overrides this."""
+    def runner(self, art_dir: Path, manifest: dict, threads: int | None = None) -> Runner:
+        """A runner for the artifact (called by crate_edge.runtime after verification). ONNX
+        Runtime, TVM and Core ML artifacts run through crate_edge.runtimes' torch-free runners;
+        a backend whose runtime needs torch overrides this."""
         if self.name in RUNNERS:
             return RUNNERS[self.name](art_dir, manifest, threads)[0]
         raise NotImplementedError
@@ -102,38 +137,13 @@ class Backend:
         handed to the backend, and a label saying what it is. None if there is none."""
         return None
 
+    def versions(self) -> dict[str, str]:
+        from importlib.metadata import PackageNotFoundError, version
 
-def host_info() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = []
-    try:
-        txt = Path("/proc/cpuinfo").read_text()
-        fl = next((l.split(":", 1)[1].split() for l in txt.splitlines() if l.startswith("flags")), [])
-        flags = sorted(f for f in fl if f.startswith(("avx", "amx", "fma", "sse4", "neon", "asimd")) or f in ("f16c",))
-    except (OSError, StopIteration):
-        pass
-    import os
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    return {
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "isa": flags,
-        "gpu": gpu,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-    }
-
-
-def unavailable(name: str, why: str) -> BackendUnavailable:
-    return BackendUnavailable(f"backend {name} unavailable: {why}")
+        out = {}
+        for dist in self.capabilities.distributions:
+            try:
+                out[dist] = version(dist)
+            except PackageNotFoundError:
+                pass
+        return out

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..calibration import calibrate
 from ..errors import CrateEdgeError
 from ..export import export
-from .base import Backend, Compiled
+from .base import Backend, Capabilities, Compiled, precision_map
 
 PROGRAM = "model.pte"
 
@@ -147,53 +148,28 @@ def _batch_is_dynamic(edge_ep) -> bool:
 # calibration unused). Set by [quantize] activations, or [quantize.options] activations when the
 # config schema only knows static/none.
 
-OBSERVERS = {
-    "max": "MinMaxObserver (running min/max over the calibration images)",
-    "percentile": "PercentileObserver (the (100-p)th / p-th percentiles of a sample of the calibration activations)",
-    "entropy": "HistogramObserver (torchao: 2048-bin histogram, range chosen to minimise the L2 quantization error; "
-    "torchao has no KL-divergence observer)",
-}
-_PERCENTILE_CLS = None
+_FIXED_CLS = None
 
 
-def _percentile_observer_cls():
-    """A MinMaxObserver whose range is the percentiles of the activations instead of the extremes
-    (torchao 0.18 offers MinMax, MovingAverage, Histogram (L2 search) but no percentile observer)."""
-    global _PERCENTILE_CLS
-    if _PERCENTILE_CLS is not None:
-        return _PERCENTILE_CLS
+def _fixed_observer_cls():
+    """A MinMaxObserver that holds a range computed by crate_edge.calibration and observes
+    nothing: XNNPACK's affine int8 qparams are then torchao's own arithmetic on that range."""
+    global _FIXED_CLS
+    if _FIXED_CLS is not None:
+        return _FIXED_CLS
     from torchao.quantization.pt2e import MinMaxObserver
 
-    class PercentileObserver(MinMaxObserver):
-        def __init__(self, percentile: float = 99.99, sample: int = 1 << 18, **kw):
+    class FixedRangeObserver(MinMaxObserver):
+        def __init__(self, lo: float = 0.0, hi: float = 0.0, **kw):
             super().__init__(**kw)
-            self.percentile = float(percentile)
-            self.sample = int(sample)
-            self._seen: list[torch.Tensor] = []
-            self._gen = torch.Generator().manual_seed(0)
+            self.min_val = torch.tensor(float(lo))
+            self.max_val = torch.tensor(float(hi))
 
         def forward(self, x_orig):
-            if x_orig.numel():
-                x = x_orig.detach().flatten().float()
-                if x.numel() > self.sample:  # a uniform random sample: a stride would pick fixed channels
-                    x = x[torch.randint(x.numel(), (self.sample,), generator=self._gen)]
-                self._seen.append(x.clone())
-            return super().forward(x_orig)
+            return x_orig
 
-        def calculate_qparams(self):
-            if not self._seen:
-                return super().calculate_qparams()
-            x = torch.cat(self._seen)
-            n = x.numel()
-            q = self.percentile / 100.0
-            k_hi = min(n, max(1, int(round(q * (n - 1))) + 1))
-            k_lo = min(n, max(1, int(round((1.0 - q) * (n - 1))) + 1))
-            lo = torch.kthvalue(x, k_lo).values
-            hi = torch.kthvalue(x, k_hi).values
-            return self._calculate_qparams(lo.reshape(()), hi.reshape(()))
-
-    _PERCENTILE_CLS = PercentileObserver
-    return PercentileObserver
+    _FIXED_CLS = FixedRangeObserver
+    return FixedRangeObserver
 
 
 def activation_mode(qc) -> str:
@@ -207,36 +183,38 @@ def activation_mode(qc) -> str:
     return mode
 
 
-def quantization_config(qc):
-    """XNNPACK QuantizationConfig for the sites: int8 weights symmetric in [-127, 127] (per output
-    channel or per tensor), int8 activations per tensor (affine, [-128, 127]) from the observer
-    that qc.calibration names, or dynamic per-row activations; bias left in float (XNNPACK
-    quantizes it to int32 with the input and weight scales when it builds the GEMM)."""
+def quantization_configs(qc, ranges=None):
+    """XNNPACK QuantizationConfig per site: int8 weights symmetric in [-127, 127] (per output
+    channel or per tensor); static activations int8 per tensor (affine, [-128, 127]) on the
+    site's input and output ranges from crate_edge.calibration (`ranges`, a Calibration with
+    outputs), or dynamic per-row activations (one config for every site); bias left in float
+    (XNNPACK quantizes it to int32 with the input and weight scales when it builds the GEMM).
+    Returns ({site: config} or {None: config} for dynamic, label)."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import get_symmetric_quantization_config
-    from torchao.quantization.pt2e import HistogramObserver, MinMaxObserver
     from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
 
     per_channel = qc.weights == "per_channel"
-    mode = activation_mode(qc)
-    if mode == "dynamic":
+    if activation_mode(qc) == "dynamic":
         if not per_channel:
             raise CrateEdgeError("executorch int8: XNNPACK's dynamic-activation GEMM needs per_channel weights")
-        return get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True), "dynamic per-row (XNNPACK qd8, no observer)"
+        return {None: get_symmetric_quantization_config(is_per_channel=True, is_dynamic=True)}, "dynamic per-row (XNNPACK qd8, no observer)"
     base = get_symmetric_quantization_config(is_per_channel=per_channel)
-    eps = {"eps": 2**-12}
-    if qc.calibration == "max":
-        obs = MinMaxObserver.with_args(**eps)
-    elif qc.calibration == "percentile":
-        obs = _percentile_observer_cls().with_args(percentile=qc.percentile, **eps)
-    elif qc.calibration == "entropy":
-        obs = HistogramObserver.with_args(**eps)
-    else:
-        raise CrateEdgeError(f"executorch int8: unknown calibration {qc.calibration!r}")
-    act = QuantizationSpec(
-        dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine, is_dynamic=False, observer_or_fake_quant_ctr=obs
-    )
-    label = OBSERVERS[qc.calibration] + (f", p = {qc.percentile}" if qc.calibration == "percentile" else "")
-    return QuantizationConfig(act, act, base.weight, None, False), label
+    fixed = _fixed_observer_cls()
+
+    def act(r):
+        obs = fixed.with_args(lo=r.lo, hi=r.hi, eps=2**-12)
+        return QuantizationSpec(
+            dtype=torch.int8,
+            quant_min=-128,
+            quant_max=127,
+            qscheme=torch.per_tensor_affine,
+            is_dynamic=False,
+            observer_or_fake_quant_ctr=obs,
+        )
+
+    configs = {s: QuantizationConfig(act(ranges.inputs[s]), act(ranges.outputs[s]), base.weight, None, False) for s in ranges.inputs}
+    label = f"crate_edge.calibration {qc.calibration}" + (f" (p = {qc.percentile})" if qc.calibration == "percentile" else "")
+    return configs, label + ", affine int8 [-128, 127] on each site's input and output range"
 
 
 def _stack_paths(node) -> set[str]:
@@ -250,10 +228,11 @@ def _stack_paths(node) -> set[str]:
     return out
 
 
-def _site_quantizer(paths: dict[str, str], config):
+def _site_quantizer(paths: dict[str, str], configs: dict):
     """A torchao Quantizer that annotates exactly one aten.linear per site (the linear whose
-    nn_module_stack holds the site's module path) and nothing else: no add/mul/softmax/
-    layer_norm/bmm annotation, and no propagation through views."""
+    nn_module_stack holds the site's module path) with that site's config (configs[site], or
+    configs[None] for every site) and nothing else: no add/mul/softmax/layer_norm/bmm
+    annotation, and no propagation through views."""
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import OP_TO_ANNOTATOR
     from torchao.quantization.pt2e.quantizer import Quantizer
 
@@ -269,12 +248,10 @@ def _site_quantizer(paths: dict[str, str], config):
                 hit = [by_path[p] for p in _stack_paths(n) if p in by_path]
                 return hit[0] if len(hit) == 1 else None
 
-            def keep(n) -> bool:
-                return site_of(n) is not None
-
-            for part in OP_TO_ANNOTATOR["linear"](gm, config, keep) or []:
-                node = part[0]
-                self.annotated.setdefault(site_of(node), []).append(node.name)
+            for site in paths:
+                config = configs[None] if None in configs else configs[site]
+                for part in OP_TO_ANNOTATOR["linear"](gm, config, lambda n, site=site: site_of(n) == site) or []:
+                    self.annotated.setdefault(site, []).append(part[0].name)
             return gm
 
         def validate(self, gm: torch.fx.GraphModule) -> None:
@@ -289,34 +266,35 @@ def _site_quantizer(paths: dict[str, str], config):
     return SiteLinearQuantizer()
 
 
-def quantize_pt2e(module: torch.nn.Module, example: torch.Tensor, target, plan, batch: int = 32):
-    """(re-exported quantized ExportedProgram, {site: [linear node]}, observer label)."""
+def quantize_pt2e(module: torch.nn.Module, example: torch.Tensor, target, plan):
+    """(re-exported quantized ExportedProgram, {site: [linear node]}, observer label). Static
+    activations take crate_edge.calibration's ranges of the eager `module` (held by fixed
+    observers), so no calibration pass runs through the prepared graph; one call on `example`
+    lets the weight observers see the weights."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    config, label = quantization_config(plan.config)
-    quantizer = _site_quantizer(plan.sites, config)
+    ranges = None if activation_mode(plan.config) == "dynamic" else calibrate(module, plan, outputs=True)
+    configs, label = quantization_configs(plan.config, ranges)
+    quantizer = _site_quantizer(plan.sites, configs)
     gm = export(module, example, target.dynamic_batch).module()
     prepared = prepare_pt2e(gm, quantizer)
-    cal = plan.calibration
-    if activation_mode(plan.config) == "dynamic":
-        # no activation ranges to learn, but the weight observers still have to see one pass
-        with torch.no_grad():
-            prepared(example)
-    else:
-        if cal is None or len(cal) == 0:
-            raise CrateEdgeError("executorch int8: static activations need calibration images")
-        hi = target.dynamic_batch[1] if target.dynamic_batch else len(example)
-        bs = min(batch, hi) if target.dynamic_batch else len(example)
-        with torch.no_grad():
-            for i in range(0, len(cal), bs):
-                xb = cal[i : i + bs]
-                if target.dynamic_batch is None and len(xb) != bs:
-                    continue  # a static batch takes only full batches
-                if target.dynamic_batch is not None and len(xb) < target.dynamic_batch[0]:
-                    continue
-                prepared(xb)
+    with torch.no_grad():
+        prepared(example)
     converted = convert_pt2e(prepared)
-    return export(converted, example, target.dynamic_batch), quantizer.annotated, label
+    return export(converted, example, target.dynamic_batch), quantizer.annotated, label, _input_qparams(converted, quantizer.annotated)
+
+
+def _input_qparams(gm, annotated: dict[str, list[str]]) -> dict[str, dict]:
+    """What the converted program quantizes each site's input with (static activations): the
+    scale, zero point and integer range of the dequantize that feeds the site's linear."""
+    lin = {n.name: n for n in gm.graph.nodes if n.op == "call_function" and n.target == torch.ops.aten.linear.default}
+    out = {}
+    for site, names in annotated.items():
+        dq = lin[names[0]].args[0] if names and names[0] in lin else None
+        if "dequantize_per_tensor" in _fname(dq) and not isinstance(dq.args[1], torch.fx.Node):
+            scale, zp, qmin, qmax = dq.args[1:5]
+            out[site] = {"scale": float(scale), "zero_point": int(zp), "qmin": int(qmin), "qmax": int(qmax)}
+    return out
 
 
 def _fname(n) -> str:
@@ -364,7 +342,7 @@ def compile_int8(module, ep, example, target, out: Path, plan) -> Compiled:
     if not plan.sites:
         raise CrateEdgeError("backend executorch: the quantization plan has no sites")
     mode = activation_mode(qc)
-    qep, annotated, label = quantize_pt2e(module, example, target, plan)
+    qep, annotated, label, qparams = quantize_pt2e(module, example, target, plan)
     prep = _Prepare()
     try:
         edge = to_edge_transform_and_lower(qep, transform_passes=[prep], partitioner=[XnnpackPartitioner()])
@@ -388,7 +366,7 @@ def compile_int8(module, ep, example, target, out: Path, plan) -> Compiled:
     (out / PROGRAM).write_bytes(pte.buffer)
     batch = f"dynamic {list(target.dynamic_batch)}" if target.dynamic_batch else f"static {len(example)}"
     w = "per-channel" if qc.weights == "per_channel" else "per-tensor"
-    a = "per-tensor static" if mode == "static" else "per-row dynamic"
+    a = "int8 per-tensor affine static, output int8" if mode == "static" else "int8 per-row dynamic"
     info = {
         "partitioner": f"XnnpackPartitioner (int8 {'qs8' if mode == 'static' else 'qd8'} linears + fp32)",
         "batch": batch,
@@ -399,13 +377,14 @@ def compile_int8(module, ep, example, target, out: Path, plan) -> Compiled:
             "activations": mode,
             "observer": label,
             "quantized_sites": len(annotated),
+            "input_qparams": qparams,
             "delegated_linears": inv,
             "program_bytes": len(pte.buffer),
         },
     }
     return Compiled(
         files=[PROGRAM],
-        precision={"linear sites": f"int8 ({w} w, {a} a)", "*": "fp32"},
+        precision=precision_map("fp32", {s: f"int8 GEMM (weights int8 {w} symmetric, activations {a})" for s in sorted(plan.sites)}),
         info=info,
         verified={
             "execution": "ExecuTorch runtime (XNNPACK + portable kernels) on this machine",
@@ -427,14 +406,19 @@ def set_threads(n: int) -> None:
 
 class ExecuTorchBackend(Backend):
     name = "executorch"
-    packages = ("executorch",)
-    runtime_packages = ("executorch.runtime",)
-    extra = "executorch"
+    capabilities = Capabilities(
+        devices=("cpu",),
+        precisions=("fp32", "int8"),
+        # static: affine int8 from the calibrated ranges; [quantize.options] activations = "dynamic": XNNPACK qd8
+        quant_schemes={"int8": "affine"},
+        compile_needs=("executorch",),
+        run_needs=("executorch.runtime",),
+        distributions=("executorch",),
+        extra="executorch",
+    )
 
-    def dists(self):
-        return ["executorch"]
-
-    def compile(self, module, ep, example, target, out: Path, quant=None) -> Compiled:
+    def compile(self, exported, target, out: Path, quant=None) -> Compiled:
+        module, ep, example = exported.module, exported.program, exported.example
         if quant is not None:
             return compile_int8(module, ep, example, target, out, quant)
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
@@ -469,12 +453,12 @@ class ExecuTorchBackend(Backend):
         }
         return Compiled(
             files=[PROGRAM],
-            precision={"*": "fp32"},
+            precision=precision_map("fp32"),
             info=info,
             verified={"execution": "ExecuTorch runtime (XNNPACK + portable kernels) on this machine"},
         )
 
-    def load(self, art_dir: Path, manifest: dict, threads: int | None = None):
+    def runner(self, art_dir: Path, manifest: dict, threads: int | None = None):
         from executorch.runtime import Runtime
 
         threads = threads or manifest["target"]["definition"].get("options", {}).get("threads")

@@ -24,17 +24,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..calibration import ENTROPY_BINS, ENTROPY_QBINS, calibrate
 from ..errors import CrateEdgeError
 from ..runtimes import ONNX_FILE, ort_runner, ort_session, provider_gap  # noqa: F401  (ort_session, ort_runner re-exported)
-from .base import Backend, Compiled
+from .base import Availability, Backend, Capabilities, Compiled, precision_map
 
 MODEL = ONNX_FILE
 GEMM_OPS = ("MatMul", "Gemm")
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"  # node metadata the dynamo exporter writes
-# Entropy calibration: ORT's defaults (128 histogram bins, 128 quantized bins) leave exactly one
-# candidate threshold, the max, so "entropy" would silently be "max". We use TensorRT's 2048
-# bins; ORT's histogram is signed (-t..t), so 255 quantized bins = TensorRT's 128 on |x|.
-ENTROPY_QBINS = 255
 
 
 def export_onnx(ep, example, path: Path, opset: int) -> None:
@@ -113,44 +110,6 @@ def _ort_method(qc):
     ]
 
 
-class AmaxCalibrator:
-    """Symmetric per-tensor activation ranges |x| <= amax with the calibrator the config names,
-    fed batch by batch, computed by onnxruntime.quantization's own collectors (the ones
-    quantize_static uses): max (MinMax), percentile (qc.percentile of |x|, 2048 bins) or entropy
-    (KL divergence, TensorRT's method; 2048 bins, see ENTROPY_QBINS)."""
-
-    def __init__(self, qc):
-        self.method = qc.calibration
-        self.amax: dict[str, float] = {}
-        self.col = None
-        if self.method != "max":
-            from onnxruntime.quantization.calibrate import HistogramCollector
-
-            method = "percentile" if self.method == "percentile" else "entropy"
-            self.col = HistogramCollector(
-                method=method,
-                symmetric=True,
-                num_bins=2048,
-                num_quantized_bins=ENTROPY_QBINS,
-                percentile=float(qc.percentile),
-                scenario="same",
-            )
-
-    def add(self, name: str, x) -> None:
-        a = np.asarray(x, dtype=np.float32)
-        self.amax[name] = max(self.amax.get(name, 0.0), float(np.abs(a).max()))
-        if self.col is not None:
-            with contextlib.redirect_stdout(io.StringIO()):  # the collector prints progress
-                self.col.collect({name: [a]})
-
-    def result(self) -> dict[str, float]:
-        if self.col is None:
-            return dict(self.amax)
-        with contextlib.redirect_stdout(io.StringIO()):
-            res = self.col.compute_collection_result()
-        return {k: float(max(abs(float(r[0])), abs(float(r[1])))) for k, r in res.items()}
-
-
 def _reader(name: str, x: torch.Tensor, bs: int = 32):
     from onnxruntime.quantization import CalibrationDataReader
 
@@ -171,9 +130,10 @@ def _reader(name: str, x: torch.Tensor, bs: int = 32):
     return Reader()
 
 
-def _calibrate(fp32_path: Path, op_types, plan, input_name: str, work: Path, cache: Path, symmetric: bool) -> None:
-    """Tensor ranges for quantize_static with ORT's calibrators, written to its calibration cache
-    (quantize_static itself cannot be given the entropy calibrator's bin counts)."""
+def _ort_calibrate(fp32_path: Path, op_types, plan, input_name: str, work: Path, cache: Path, symmetric: bool) -> None:
+    """quantize_all_ops only (every tensor, not the sites): onnxruntime's own calibrators, set to
+    crate_edge.calibration's meanings (max: MinMax; percentile: p of |x| on a 2048-bin
+    histogram; entropy: 2048 bins, 255 quantized bins), written to a calibration cache."""
     from onnxruntime.quantization.calibrate import create_calibrator, save_tensors_data
 
     qc = plan.config
@@ -181,15 +141,31 @@ def _calibrate(fp32_path: Path, op_types, plan, input_name: str, work: Path, cac
     if qc.calibration == "max":
         opts["symmetric"] = symmetric
     elif qc.calibration == "percentile":
-        opts.update(symmetric=True, percentile=float(qc.percentile), num_bins=2048)
+        opts.update(symmetric=True, percentile=float(qc.percentile), num_bins=ENTROPY_BINS)
     else:
-        opts.update(symmetric=True, num_bins=2048, num_quantized_bins=ENTROPY_QBINS)
+        opts.update(symmetric=True, num_bins=ENTROPY_BINS, num_quantized_bins=ENTROPY_QBINS)
     cal = create_calibrator(
         Path(fp32_path), op_types, augmented_model_path=str(work / "augmented.onnx"), calibrate_method=_ort_method(qc), extra_options=opts
     )
     cal.collect_data(_reader(input_name, plan.calibration))
     save_tensors_data(cal.compute_data(), cache)
     del cal
+
+
+def _site_ranges_cache(graph, site_map: dict[str, str], ranges, cache: Path) -> dict[str, str]:
+    """Write crate_edge.calibration's input range of every site as onnxruntime's calibration
+    cache (keyed by the ONNX tensor each site's MatMul/Gemm reads). Returns site -> tensor."""
+    from onnxruntime.quantization import CalibrationMethod
+    from onnxruntime.quantization.calibrate import TensorData, TensorsData, save_tensors_data
+
+    nodes = {n.name: n for n in graph.node}
+    tensors = {site: nodes[n].input[0] for site, n in site_map.items()}
+    data = {}
+    for site, t in tensors.items():
+        r = ranges.inputs[site]
+        data[t] = TensorData(lowest=np.array(r.lo, np.float32), highest=np.array(r.hi, np.float32))
+    save_tensors_data(TensorsData(CalibrationMethod.MinMax, data), cache)
+    return tensors
 
 
 def _restore_float_consumers(model, quantized_nodes: set[str]) -> int:
@@ -241,11 +217,12 @@ def qdq_summary(path_or_model) -> dict:
     return {"by_op": dict(sorted(by_op.items())), "nodes": nodes}
 
 
-def quantize_int8_qdq(fp32_path: Path, out_path: Path, plan, opts: dict, input_name: str = "images") -> dict:
-    """quantize_static on the fp32 export under the CRATE policy (module docstring); returns
-    what was done, for the manifest."""
+def quantize_int8_qdq(fp32_path: Path, out_path: Path, plan, opts: dict, ranges=None, input_name: str = "images") -> dict:
+    """quantize_static on the fp32 export under the CRATE policy (module docstring), with the
+    site ranges `ranges` (a crate_edge.calibration.Calibration); returns what was done, for the
+    manifest."""
     import onnx
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     qc = plan.config
     act = str(opts.get("activation_type", "uint8"))
@@ -277,7 +254,12 @@ def quantize_int8_qdq(fp32_path: Path, out_path: Path, plan, opts: dict, input_n
     # that is the application's to show or hide (the CLI hides it unless -v), not this library's
     with tempfile.TemporaryDirectory(prefix="crate-ort-q-") as td, contextlib.redirect_stdout(io.StringIO()):
         tmp, cache = Path(td) / "q.onnx", Path(td) / "ranges.json"
-        _calibrate(fp32_path, op_types, plan, input_name, Path(td), cache, sym)
+        if all_ops:
+            _ort_calibrate(fp32_path, op_types, plan, input_name, Path(td), cache, sym)
+            method = _ort_method(qc)
+        else:
+            _site_ranges_cache(model.graph, site_map, ranges, cache)
+            method = CalibrationMethod.MinMax  # the cache holds the ranges; no ORT calibration runs
         quantize_static(
             str(fp32_path),
             str(tmp),
@@ -289,7 +271,7 @@ def quantize_int8_qdq(fp32_path: Path, out_path: Path, plan, opts: dict, input_n
             activation_type=qt[act],
             weight_type=qt[wt],
             nodes_to_quantize=nodes,
-            calibrate_method=_ort_method(qc),
+            calibrate_method=method,
             extra_options=extra,
             calibration_cache_path=str(cache),
         )
@@ -311,7 +293,9 @@ def quantize_int8_qdq(fp32_path: Path, out_path: Path, plan, opts: dict, input_n
         "activation_symmetric": sym,
         "reduce_range": reduce_range,
         "per_channel": per_channel,
-        "calibration_method": _ort_method(qc).name,
+        "calibration": f"onnxruntime calibrators ({_ort_method(qc).name}) on every tensor"
+        if all_ops
+        else "crate_edge.calibration ranges of the site inputs, given to quantize_static as its calibration cache",
         "policy": "all_ops (deliberately bad)" if all_ops else "crate",
         "op_types_quantized": op_types,
         "site_nodes": site_map,
@@ -322,24 +306,30 @@ def quantize_int8_qdq(fp32_path: Path, out_path: Path, plan, opts: dict, input_n
 
 class ONNXRuntimeBackend(Backend):
     name = "onnxruntime"
-    packages = ("onnx", "onnxscript", "onnxruntime")
-    runtime_packages = ("onnxruntime",)
-    extra = "onnx"
+    capabilities = Capabilities(
+        devices=("cpu", "cuda"),
+        precisions=("fp32", "int8"),
+        # uint8 activations with a zero point by default; options.activation_type = "int8" makes them symmetric
+        quant_schemes={"int8": "affine"},
+        compile_needs=("onnx", "onnxscript", "onnxruntime"),
+        run_needs=("onnxruntime",),
+        distributions=("onnx", "onnxscript", "onnxruntime"),
+        extra="onnx",
+    )
 
-    def dists(self):
-        return ["onnx", "onnxscript", "onnxruntime"]
-
-    def can_run(self, manifest: dict | None = None):
+    def available(self, target=None, run: bool = False, manifest: dict | None = None) -> Availability:
         """Runs wherever onnxruntime imports; a target that names only GPU providers (no
-        CPUExecutionProvider) also needs one of them in this onnxruntime build."""
-        ok, why = super().can_run()
-        if ok:
-            gap = provider_gap((manifest or {}).get("target", {}).get("definition", {}).get("options", {}).get("providers"))
+        CPUExecutionProvider) also needs one of them in this onnxruntime build to run."""
+        ok = super().available(target, run, manifest)
+        if ok and run:
+            definition = (manifest or {}).get("target", {}).get("definition") or (target.raw if target is not None else {})
+            gap = provider_gap(definition.get("options", {}).get("providers"))
             if gap:
-                return False, gap
-        return ok, why
+                return Availability(False, gap)
+        return ok
 
-    def compile(self, module, ep, example, target, out: Path, quant=None) -> Compiled:
+    def compile(self, exported, target, out: Path, quant=None) -> Compiled:
+        module, ep, example = exported.module, exported.program, exported.example
         opset = int(target.options.get("opset", 18))
         if quant is None:
             if target.precision not in ("fp32",):
@@ -349,7 +339,7 @@ class ONNXRuntimeBackend(Backend):
             gap = provider_gap(target.options.get("providers"))
             return Compiled(
                 files=[MODEL],
-                precision={"*": "fp32"},
+                precision=precision_map("fp32"),
                 info={"opset": opset, "ops": ops, "device": target.device},
                 verified={
                     "execution": "the same ONNX file on onnxruntime's CPU provider (parity)" if gap else "onnxruntime on this machine"
@@ -366,15 +356,18 @@ class ONNXRuntimeBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="crate-ort-") as td:
             fp32 = Path(td) / "fp32.onnx"
             export_onnx(ep, example, fp32, opset)
-            qinfo = quantize_int8_qdq(fp32, out / MODEL, quant, opts)
+            ranges = None if opts.get("quantize_all_ops") else calibrate(module, quant)
+            qinfo = quantize_int8_qdq(fp32, out / MODEL, quant, opts, ranges)
         ops = op_inventory(out / MODEL)
         if qinfo["policy"] == "crate":
-            prec = {"*": "fp32 (LayerNorm, Attention with its softmax, residual adds, ISTA identity path, threshold, ReLU)"}
-            prec.update(
-                {s: f"int8 GEMM (weights {qc.weights}, activations per_tensor {qinfo['activation_type']})" for s in qinfo["site_nodes"]}
+            act = f"{qinfo['activation_type']} per_tensor {'symmetric' if qinfo['activation_symmetric'] else 'affine'} static"
+            prec = precision_map(
+                "fp32",
+                {s: f"int8 GEMM (weights int8 {qc.weights} symmetric, activations {act})" for s in qinfo["site_nodes"]},
+                float_ops="LayerNorm, Attention with its softmax, residual adds, ISTA identity path, threshold, ReLU",
             )
         else:
-            prec = {"*": "int8 wherever onnxruntime quantizes (quantize_all_ops: " + ", ".join(qinfo["op_types_quantized"]) + ")"}
+            prec = precision_map("fp32", quantize_all_ops="int8 wherever onnxruntime quantizes: " + ", ".join(qinfo["op_types_quantized"]))
         return Compiled(
             files=[MODEL],
             precision=prec,

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..calibration import feed_site_inputs
+from ..calibration import calibrate
 from ..errors import BackendUnavailable, CrateEdgeError
 from ..export import export
-from .base import Backend, Compiled
-from .onnxruntime import AmaxCalibrator, export_onnx, op_inventory, ort_runner, qdq_summary, site_nodes
+from .base import YES, Availability, Backend, Capabilities, Compiled, precision_map
+from .onnxruntime import export_onnx, op_inventory, ort_runner, qdq_summary, site_nodes
 
 ONNX, ENGINE, CACHE, SCRIPT = "model.onnx", "model.engine", "timing.cache", "build_engine.sh"
 
@@ -110,19 +110,6 @@ class _Typed(torch.nn.Module):
 # around LayerNorm, the residual adds, the ISTA identity path, threshold and ReLU.
 
 QMAX = {"int8": 127.0, "fp8": 448.0}
-
-
-def calibrate_sites(module, plan, bs: int = 32) -> dict[str, float]:
-    """Per-tensor amax of each site GEMM's input on plan.calibration (fp32 eager module, forward
-    pre-hooks on the site modules), with the calibrator the config names."""
-
-    cal = AmaxCalibrator(plan.config)
-    feed_site_inputs(module, plan.sites, plan.calibration.float(), lambda s, x: cal.add(s, x.float().numpy()), bs)
-    amax = cal.result()
-    missing = sorted(set(plan.sites) - set(amax))
-    if missing:
-        raise CrateEdgeError(f"calibration saw no input for site(s) {', '.join(missing)}")
-    return amax
 
 
 def _fp8():
@@ -241,21 +228,28 @@ def _gpu() -> bool:
 
 class TensorRTBackend(Backend):
     name = "tensorrt"
-    packages = ("onnx", "onnxscript")  # to produce the network; the engine needs tensorrt + a GPU
-    runtime_packages = ("tensorrt",)
-    extra = "tensorrt"
+    # compiling produces the ONNX network and its build script; the engine needs tensorrt and a GPU
+    capabilities = Capabilities(
+        devices=("cuda",),
+        precisions=("fp32", "fp16", "int8", "fp8"),
+        quant_schemes={"int8": "symmetric", "fp8": "symmetric"},
+        compile_needs=("onnx", "onnxscript"),
+        run_needs=("tensorrt",),
+        distributions=("onnx", "onnxscript", "tensorrt", "torch-tensorrt"),
+        extra="tensorrt",
+    )
 
-    def dists(self):
-        return ["onnx", "onnxscript", "tensorrt", "torch-tensorrt"]
-
-    def can_run(self, manifest: dict | None = None):
+    def available(self, target=None, run: bool = False, manifest: dict | None = None) -> Availability:
+        if not run:
+            return super().available(target)
         if importlib.util.find_spec("tensorrt") is None:
-            return False, "tensorrt is not installed (it comes from NVIDIA's index on a GPU host)"
+            return Availability(False, "tensorrt is not installed (it comes from NVIDIA's index on a GPU host)")
         if not _gpu():
-            return False, "no CUDA GPU present"
-        return True, ""
+            return Availability(False, "no CUDA GPU present")
+        return YES
 
-    def compile(self, module, ep, example, target, out: Path, quant=None) -> Compiled:
+    def compile(self, exported, target, out: Path, quant=None) -> Compiled:
+        module, ep, example = exported.module, exported.program, exported.example
         opset = int(target.options.get("opset", 23))
         prec = target.precision
         qinfo = None
@@ -271,7 +265,7 @@ class TensorRTBackend(Backend):
             net = str(target.options.get("network_precision", "fp16"))
             if net not in ("fp16", "fp32"):
                 raise CrateEdgeError(f"target {target.name}: options.network_precision = {net!r}; allowed: fp16, fp32")
-            amax = calibrate_sites(module, quant)  # on the fp32 module, before it is cast
+            amax = calibrate(module, quant).amax()  # on the fp32 module, before it is cast
             prec = net
         elif prec not in ("fp32", "fp16"):
             raise CrateEdgeError(f"target {target.name}: precision {prec} needs the quantization flow (a [quantize] table: int8/fp8 Q/DQ)")
@@ -327,20 +321,22 @@ class TensorRTBackend(Backend):
             "shapes": shapes,
             "build_command": cmd,
         }
-        precision = {"network": prec, "io": "fp32"}
+        site_prec = {}
         if qinfo is not None:
             info["quantized"] = qinfo
             verified["qdq_placement"] = (
                 f"Q/DQ ({qinfo['qdq_dtype']}) only on the inputs of the {len(qinfo['sites'])} site GEMMs; "
                 "none around Attention, LayerNormalization, Softmax, adds"
             )
-            precision.update(
-                {s: f"{qinfo['scheme']} GEMM (weights {quant.config.weights}, activations per_tensor)" for s in qinfo["sites"]}
-            )
+            site_prec = {
+                s: f"{qinfo['scheme']} GEMM (weights {quant.config.weights} symmetric, activations per_tensor symmetric static)"
+                for s in qinfo["sites"]
+            }
             not_verified["tensorrt_kernels"] = (
                 "which GEMMs TensorRT actually runs in " + qinfo["scheme"] + " (check the engine's layer information on the GPU host)"
             )
-        ok, why = self.can_run()
+        precision = precision_map(prec, site_prec, network=prec)
+        ok, why = self.available(target, run=True)
         if ok:
             self._build_engine(out, shapes, target)
             files += [ENGINE, CACHE]
@@ -400,7 +396,7 @@ class TensorRTBackend(Backend):
         (out / ENGINE).write_bytes(bytes(engine))
         (out / CACHE).write_bytes(bytes(config.get_timing_cache().serialize()))
 
-    def load(self, art_dir: Path, manifest: dict, threads: int | None = None):  # pragma: no cover - needs TensorRT and a GPU
+    def runner(self, art_dir: Path, manifest: dict, threads: int | None = None):  # pragma: no cover - needs TensorRT and a GPU
         if not (art_dir / ENGINE).exists():
             raise BackendUnavailable(f"{art_dir} has no TensorRT engine yet: run {SCRIPT} there on a GPU host")
         import tensorrt as trt
