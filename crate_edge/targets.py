@@ -9,14 +9,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .backends import BACKENDS
+from .backends.base import PRECISIONS
 from .errors import CrateEdgeError
 
 try:
     import tomllib
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
-
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 
 
 @dataclass
@@ -103,8 +103,6 @@ def load_target(name_or_path: str | Path) -> Target:
         raise CrateEdgeError(f"target file {p}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_KEYS))}")
     if "backend" not in doc:
         raise CrateEdgeError(f"target file {p}: 'backend' is required")
-    from .backends import BACKENDS
-
     if doc["backend"] not in BACKENDS:
         raise CrateEdgeError(f"target file {p}: unknown backend {doc['backend']!r}; known: {', '.join(BACKENDS)}")
     prec = doc.get("precision", "fp32")
@@ -118,7 +116,7 @@ def load_target(name_or_path: str | Path) -> Target:
         dyn = (int(dyn[0]), int(dyn[1]))
     else:
         dyn = None
-    from .rewrites import PASSES
+    from .rewrites import PASSES  # here: the rewrites import torch, and listing targets needs none
 
     bad = [r for r in doc.get("rewrites", []) if r not in PASSES]
     if bad:
