@@ -46,7 +46,6 @@ def main() -> int:
         print("no reduced-precision target compiles here", file=sys.stderr)
         return 1
     rep = parity(arts, reference=model, data=a.data, limit=a.limit, progress=True)
-    out = rep.write(a.out)
     lines = [
         f"Embedded reference model, {rep.n} images of {rep.data}; reference (eager fp32) top-1 {100 * rep.reference['top1']:.2f}%.",
         "",
@@ -64,7 +63,7 @@ def main() -> int:
         )
     for k, v in skipped.items():
         lines.append(f"| {k} | skipped: {v} | | | | | | |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    rep.write(a.out, extra_files={"summary.md": "\n".join(lines) + "\n"})
     print(rep.table())
     print("\n".join(lines))
     return 0 if rep.passed else 1

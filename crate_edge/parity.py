@@ -359,12 +359,15 @@ class ParityReport:
         fig.savefig(path, dpi=110)
         plt.close(fig)
 
-    def write(self, out_dir) -> Path:
-        """Write parity.json, parity.md and parity.png into `out_dir`; returns the directory."""
+    def write(self, out_dir, extra_files: dict[str, str] | None = None) -> Path:
+        """Write parity.json, parity.md and parity.png into `out_dir`, with `extra_files`
+        ({name: text}, e.g. a script's summary) in the same atomic step; returns the directory."""
         with atomic_dir(out_dir, "report") as tmp:
             (tmp / "parity.json").write_text(json.dumps(self.to_dict(), indent=1) + "\n")
             (tmp / "parity.md").write_text(self.markdown())
             self.plot(tmp / "parity.png")
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
         return Path(out_dir)
 
 
