@@ -216,41 +216,23 @@ def train(recipe, out, epochs, until, resume):
 
 
 @main.command()
-@click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False))
-def demo(out):
-    """The main job on the embedded reference model: evaluate it and measure its white box.
+@click.option("--targets", "targets", default=None, metavar="A,B,C", help="Targets to include (default: every target).")
+@click.option("--out", default="out/demo", show_default=True, type=click.Path(file_okay=False), help="Report and artifact directory.")
+@click.option("--model", "-m", default="embedded", show_default=True, help="crate-edge model dir/.safetensors or upstream checkpoint.")
+@click.option("--threads", type=int, default=None, help="Threads for every benchmarked contender (default: the usable cores).")
+def demo(targets, out, model, threads):
+    """The whole toolchain on the embedded model: compile to every target that compiles here,
+    check parity (per layer for reduced precision), benchmark side by side with eager PyTorch at
+    batch 1 and 32, and write OUT/report.html, report.md and report.json. A second run reuses
+    the artifacts of the first.
 
-    Python: crate_edge.load_model(), crate_edge.evaluate(), crate_edge.whitebox.measure()"""
+    Python: crate_edge.demo.demo(targets=None, out="out/demo")"""
+    from .demo import demo as run
 
-    from . import evaluate
-    from .checkpoint import load_model
-    from .data import load_dataset, prepare
-    from .whitebox import measure
-
-    check_writable(out)
-    m = load_model()
-    c = m.cfg
-    click.echo(
-        f"embedded reference model: CRATE dim={c.dim} depth={c.depth} heads={c.heads}x{c.dim_head} "
-        f"patch={c.patch_size} on {c.image_size}x{c.image_size}x{c.channels}, "
-        f"{sum(p.numel() for p in m.parameters()):,} parameters"
-    )
-    try:
-        r = evaluate(m, "fashion-mnist:test", progress=True)
-        data = "fashion-mnist:test"
-    except CrateEdgeError as e:
-        click.echo(f"note: {e}; evaluating on the embedded held-out slice instead", err=True)
-        r = evaluate(m, "embedded")
-        data = "embedded"
-    click.echo(f"top-1 {100 * r['top1']:.2f}% on {r['n']} images of {data}")
-    ds = load_dataset("embedded")
-    wb = measure(m, prepare(ds.images[:256], c))
-    click.echo(f"white box on {wb.n_images} held-out images:")
-    click.echo(wb.table())
-    with atomic_dir(out, "report") as tmp:
-        wb.plot(tmp / "whitebox.png", title="embedded reference model, 256 held-out images")
-        (tmp / "demo.json").write_text(json.dumps({"eval": {"data": data, **r}, "whitebox": wb.to_dict()}, indent=1))
-    click.echo(f"wrote {out}/demo.json and {out}/whitebox.png")
+    names = [t.strip() for t in targets.split(",") if t.strip()] if targets else None
+    rep = run(names, out=out, model=None if model == "embedded" else model, threads=threads)
+    click.echo(rep.table())
+    click.echo(f"wrote {out}/report.html, report.md, report.json ({rep.data['seconds']['total']:.0f} s)")
 
 
 # ------------------------------------------------------------------ compiler commands

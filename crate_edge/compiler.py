@@ -242,7 +242,7 @@ def compile_each(model, targets, root, prefix: str = "", reuse: bool = False, lo
                     say(f"[{t.name}] reusing {d}")
                     continue
             t0 = datetime.datetime.now()
-            arts[t.name] = compile(src, t, out=d, **kw)
+            arts[t.name] = compile(src, t, out=d, log=say, **kw)
             say(f"[{t.name}] compiled in {(datetime.datetime.now() - t0).total_seconds():.0f} s ({arts[t.name].executor})")
         except CrateEdgeError as e:
             skipped[t.name] = f"compile failed: {str(e).splitlines()[0][:300]}"

@@ -60,6 +60,7 @@ LAYERS = [
         "crate_edge.search",
         "crate_edge.testing",
         "crate_edge.train",
+        "crate_edge.demo",
     ],
     ["crate_edge.cli", "crate_edge"],
 ]

@@ -102,7 +102,7 @@ def artifact_specs(artifacts: list[Path], manifests: list[dict], rpc: str | None
             "target_precision": m["target"]["definition"].get("precision", "fp32"),
             "rewrites": m.get("rewrites", []),
             "size_bytes": artifact_size(a, m),
-            "quantization": (m.get("quantization") or {}).get("scheme") if isinstance(m.get("quantization"), dict) else None,
+            "quantization": ((m.get("quantization") or {}).get("config") or {}).get("scheme"),
         }
         spec = {"kind": "rpc" if remote else "artifact", "path": str(a.resolve()), "rpc": rpc, "rpc_key": rpc_key}
         specs.append((name + (" [rpc]" if remote else ""), spec, info))
