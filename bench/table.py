@@ -1,4 +1,4 @@
-"""Regenerate the README's performance table: every target and precision that compiles and runs
+"""Regenerate the performance tables of docs/results.md: every target and precision that compiles and runs
 here, against eager PyTorch, with a roofline.
 
     python bench/table.py [--threads 2] [--batch 1,32] [--iters 30] [--targets ...] [--quick]

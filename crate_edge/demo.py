@@ -43,6 +43,13 @@ from .whitebox import measure
 
 BATCHES = (1, 32)
 FORMAT = "crate-edge-demo"
+STATUS_LEGEND = (
+    "Status: ok = compiled, parity within the target's tolerances on its own runtime, benchmarked; "
+    "stand-in = compiled, but its runtime cannot execute here (TensorRT, Core ML off macOS, CUDA builds), so parity "
+    "ran on the closest executor of the same network (named in the note) and it is not benchmarked; "
+    "skipped = cannot compile here (the note says why); FAIL = outside the target's parity tolerances or failed to compile. "
+    "Speed-ups are p50 latency of eager upstream over the target's, measured side by side in this run."
+)
 
 
 def _reduced(t) -> bool:
@@ -55,7 +62,17 @@ class DemoReport:
 
     @property
     def rows(self) -> list[dict]:
-        return self.data["targets"]
+        """Benchmarked targets first, then failures, stand-ins and what could not compile."""
+        order = {"ok": 0, "FAIL": 1, "stand-in": 2, "skipped": 3}
+        return sorted(self.data["targets"], key=lambda r: (order.get(r["status"], 4), r["target"]))
+
+    def notes(self) -> dict[str, tuple[int, str]]:
+        """target -> (number, note) for the rows that have one, numbered in row order."""
+        out: dict[str, tuple[int, str]] = {}
+        for r in self.rows:
+            if r.get("note"):
+                out[r["target"]] = (len(out) + 1, r["note"])
+        return out
 
     def table(self) -> str:
         """The one table: a row per target, compiled or not."""
@@ -85,6 +102,7 @@ class DemoReport:
                 "the speed-up (x) columns are against eager upstream"
             )
         h = self.data["host"]
+        lines.append(STATUS_LEGEND)
         lines.append(f"host: {h['cpu']}, {h.get('cores_usable', h.get('cores'))} cores, ISA {' '.join(h.get('isa', [])) or '?'}")
         return "\n".join(lines)
 
@@ -101,15 +119,20 @@ class DemoReport:
             + " | note |",
             "|---|---|---|---:|---:|---:|---:|---:|" + "---:|---:|" * len(BATCHES) + "---|",
         ]
+        notes = self.notes()
         for r in self.rows:
-            out.append("| " + " | ".join(_md_cells(r)) + " |")
+            k = notes.get(r["target"], (None,))[0]
+            out.append("| " + " | ".join(_md_cells(r)[:-1] + [f"note {k}" if k else ""]) + " |")
         for name, r in d.get("baselines", {}).items():
             cells = [name, "fp32", "eager", "", "", "", "", ""]
             for b in BATCHES:
                 cells += [f"{r[str(b)]['p50_ms']:.2f}" if str(b) in r else "-", "1.00x" if name == "eager upstream" else ""]
             out.append("| " + " | ".join(cells + ["baseline"]) + " |")
         h = d["host"]
+        out += ["", "Notes:", ""] + [f"{k}. **{t}**: {n}" for t, (k, n) in notes.items()]
         out += [
+            "",
+            STATUS_LEGEND,
             "",
             "![latency](latency.png)",
             "",
@@ -135,10 +158,17 @@ class DemoReport:
             head += [f"batch {b} ms", f"batch {b} speed-up"]
         head.append("note")
         rows = []
+        notes = self.notes()
         for r in self.rows:
             cls = {"ok": "ok", "FAIL": "fail"}.get(r["status"], "other")
-            cells = "".join(f"<td>{html.escape(c)}</td>" for c in _md_cells(r))
+            cells = "".join(f"<td>{html.escape(c)}</td>" for c in _md_cells(r)[:-1])
+            k = notes.get(r["target"], (None,))[0]
+            cells += f'<td><a href="#note-{k}">note {k}</a></td>' if k else "<td></td>"
             rows.append(f'<tr class="{cls}" data-target="{html.escape(r["target"])}">{cells}</tr>')
+        note_list = "".join(
+            f'<li id="note-{k}" data-target="{html.escape(t)}"><b>{html.escape(t)}</b>: {html.escape(n)}</li>'
+            for t, (k, n) in notes.items()
+        )
         for name, r in d.get("baselines", {}).items():
             cells = [name, "fp32", "eager", "", "", "", "", ""]
             for b in BATCHES:
@@ -162,8 +192,9 @@ body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1400px;
 table {{ border-collapse: collapse; font-size: 0.85em; width: 100%; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: right; white-space: nowrap; }}
 td:first-child, td:nth-child(2), td:nth-child(3), td:last-child, th:first-child {{ text-align: left; }}
-td:last-child {{ white-space: normal; font-size: 0.9em; color: #555; min-width: 18em; }}
-th {{ background: #f3f3f3; position: sticky; top: 0; }}
+td:last-child {{ text-align: left; }}
+.scroll {{ overflow-x: auto; }}
+th {{ background: #f3f3f3; position: sticky; top: 0; white-space: normal; vertical-align: bottom; }}
 tr.fail td:nth-child(3) {{ color: #b00; font-weight: bold; }}
 tr.other td {{ color: #777; }}
 tr.baseline td {{ background: #fafafa; font-style: italic; }}
@@ -176,8 +207,10 @@ figcaption {{ color: #555; font-size: 0.9em; }}
 against the eager model; speed: {d["bench"]["threads"]} threads, p50 latency, speed-up against eager upstream
 (measured side by side in one run). Reduced-precision targets are also checked per layer (ISTA support IoU,
 coding rate R<sup>c</sup>).</p>
-<table id="results"><thead><tr>{"".join(f"<th>{html.escape(c)}</th>" for c in head)}</tr></thead>
-<tbody>{"".join(rows)}</tbody></table>
+<div class="scroll"><table id="results"><thead><tr>{"".join(f"<th>{html.escape(c)}</th>" for c in head)}</tr></thead>
+<tbody>{"".join(rows)}</tbody></table></div>
+<p class="meta">{html.escape(STATUS_LEGEND)}</p>
+<ol class="meta notes">{note_list}</ol>
 {img("latency.png", "latency at batch 1 and 32 (p50, bars p10-p90)")}
 {img("parity.png", "per-layer parity of the reduced-precision targets")}
 {img("whitebox.png", "white box of the model: coding rate and sparsity per layer")}

@@ -70,9 +70,13 @@ def test_demo_report_has_a_row_per_target_and_reuses_artifacts(small):
     assert set(p.rows) == set(targets)
     assert p.rows["onnxruntime"][2] == "ok" and p.rows["onnxruntime"][3].endswith("%")
     assert p.rows["onnxruntime"][8] != "-" and p.rows["onnxruntime"][9].endswith("x")  # batch-1 ms and speed-up
-    assert p.rows["tensorrt"][2] == "stand-in" and "not TensorRT" in p.rows["tensorrt"][-1]
+    notes = {t: n for t, (_, n) in rep.notes().items()}
+    assert p.rows["tensorrt"][2] == "stand-in" and p.rows["tensorrt"][-1].startswith("note ") and "not TensorRT" in notes["tensorrt"]
+    assert f'<li id="note-{rep.notes()["tensorrt"][0]}" data-target="tensorrt">' in page
     if p.rows["aoti-cuda"][2] == "skipped":  # no CUDA GPU here: listed with why
-        assert "cannot compile here" in p.rows["aoti-cuda"][-1]
+        assert "cannot compile here" in notes["aoti-cuda"]
+    order = [r["target"] for r in rep.rows]
+    assert order.index("onnxruntime") < order.index("tensorrt")  # benchmarked rows first
     assert len(p.images) == 3 and all(src.startswith("data:image/png;base64,") for src in p.images)
     assert "http://" not in page and "https://" not in page  # nothing fetched when opened
     if "onnxruntime-int8" in targets:
@@ -80,7 +84,7 @@ def test_demo_report_has_a_row_per_target_and_reuses_artifacts(small):
 
     # JSON and Markdown say the same
     data = json.loads((out / "report.json").read_text())
-    assert data["format"] == "crate-edge-demo" and [r["target"] for r in data["targets"]] == targets
+    assert data["format"] == "crate-edge-demo" and sorted(r["target"] for r in data["targets"]) == sorted(targets)
     assert data["reused"] == 0 and set(data["baselines"]) == {"eager upstream", "eager folded+SDPA"}
     md = (out / "report.md").read_text()
     for t in targets:
