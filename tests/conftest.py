@@ -50,6 +50,10 @@ _HEAVY_FIRST = [
     "test_backend_tvm.py",
     "test_embedded.py",
     "test_quant_onnx.py",
+    "test_readme.py",
+    "test_backend_contract.py",
+    "test_calibration.py",
+    "test_demo.py",
 ]
 
 
