@@ -75,32 +75,15 @@ class DemoReport:
         return out
 
     def table(self) -> str:
-        """The one table: a row per target, compiled or not."""
-        b1, b32 = (str(b) for b in BATCHES)
-        head = (
-            f"{'target':<18} {'precision':<9} {'status':<8} {'top-1 agr':>9} {'max|d|':>8} {'min cos':>8} "
-            f"{'min IoU':>7} {'R^c rel':>7} {'b1 ms':>7} {'b1 x':>6} {'b32 ms':>7} {'b32 x':>6}  note"
-        )
-        lines = [head, "-" * len(head)]
-        for r in self.rows:
-            p = r.get("parity") or {}
-            s = r.get("speed") or {}
-            f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
-            lines.append(
-                f"{r['target']:<18} {r['precision']:<9} {r['status']:<8} "
-                f"{f(p.get('top1_agreement') and 100 * p['top1_agreement'], '8.2f') + ('%' if p else ''):>9} "
-                f"{f(p.get('max_abs'), '8.1e'):>8} {f(p.get('min_cosine'), '8.5f'):>8} "
-                f"{f(p.get('min_support_iou'), '7.3f'):>7} {f(p.get('max_coding_rate_rel') and 100 * p['max_coding_rate_rel'], '6.2f') + ('%' if p.get('max_coding_rate_rel') is not None else ''):>7} "
-                f"{f(s.get(b1, {}).get('p50_ms'), '7.2f'):>7} {f(s.get(b1, {}).get('speedup'), '5.2f') + ('x' if s.get(b1) else ''):>6} "
-                f"{f(s.get(b32, {}).get('p50_ms'), '7.2f'):>7} {f(s.get(b32, {}).get('speedup'), '5.2f') + ('x' if s.get(b32) else ''):>6}  "
-                f"{r.get('note', '')}"
-            )
-        for name, r in self.data.get("baselines", {}).items():
-            lines.append(
-                f"{name:<18} {'fp32':<9} {'eager':<8} {'':>9} {'':>8} {'':>8} {'':>7} {'':>7} "
-                f"{r.get(b1, {}).get('p50_ms', float('nan')):>7.2f} {'':>6} {r.get(b32, {}).get('p50_ms', float('nan')):>7.2f} {'':>6}  "
-                "the speed-up (x) columns are against eager upstream"
-            )
+        """The one table for the terminal: the same cells as the Markdown and HTML tables."""
+        grid = [HEADER] + [_md_cells(r) for r in self.rows] + [_baseline_cells(n, r) for n, r in self.data.get("baselines", {}).items()]
+        widths = [max(len(row[i]) for row in grid) for i in range(len(HEADER) - 1)]
+        lines = []
+        for k, row in enumerate(grid):
+            cells = [c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+            lines.append("  ".join(cells + [row[-1]]).rstrip())
+            if k == 0:
+                lines.append("-" * len(lines[0]))
         h = self.data["host"]
         lines.append(STATUS_LEGEND)
         lines.append(f"host: {h['cpu']}, {h.get('cores_usable', h.get('cores'))} cores, ISA {' '.join(h.get('isa', [])) or '?'}")
@@ -114,9 +97,7 @@ class DemoReport:
             f"{d['model']['label']}; parity on {d['parity']['n']} images of {d['parity']['data']}; "
             f"speed: {d['bench']['threads']} threads, p50 latency, speed-up against eager upstream.",
             "",
-            "| target | precision | status | top-1 agreement | max abs diff | min cosine | min ISTA IoU | max R^c rel | "
-            + " | ".join(f"batch {b} ms | batch {b} speed-up" for b in BATCHES)
-            + " | note |",
+            "| " + " | ".join(HEADER) + " |",
             "|---|---|---|---:|---:|---:|---:|---:|" + "---:|---:|" * len(BATCHES) + "---|",
         ]
         notes = self.notes()
@@ -124,10 +105,7 @@ class DemoReport:
             k = notes.get(r["target"], (None,))[0]
             out.append("| " + " | ".join(_md_cells(r)[:-1] + [f"note {k}" if k else ""]) + " |")
         for name, r in d.get("baselines", {}).items():
-            cells = [name, "fp32", "eager", "", "", "", "", ""]
-            for b in BATCHES:
-                cells += [f"{r[str(b)]['p50_ms']:.2f}" if str(b) in r else "-", "1.00x" if name == "eager upstream" else ""]
-            out.append("| " + " | ".join(cells + ["baseline"]) + " |")
+            out.append("| " + " | ".join(_baseline_cells(name, r)) + " |")
         h = d["host"]
         out += ["", "Notes:", ""] + [f"{k}. **{t}**: {n}" for t, (k, n) in notes.items()]
         out += [
@@ -153,10 +131,7 @@ class DemoReport:
     def html(self, images: dict[str, bytes]) -> str:
         """Self-contained: styles inline, the charts embedded as data URIs."""
         d = self.data
-        head = ["target", "precision", "status", "top-1 agreement", "max abs diff", "min cosine", "min ISTA IoU", "max R^c rel"]
-        for b in BATCHES:
-            head += [f"batch {b} ms", f"batch {b} speed-up"]
-        head.append("note")
+        head = HEADER
         rows = []
         notes = self.notes()
         for r in self.rows:
@@ -170,11 +145,7 @@ class DemoReport:
             for t, (k, n) in notes.items()
         )
         for name, r in d.get("baselines", {}).items():
-            cells = [name, "fp32", "eager", "", "", "", "", ""]
-            for b in BATCHES:
-                cells += [f"{r[str(b)]['p50_ms']:.2f}" if str(b) in r else "-", "1.00x" if name == "eager upstream" else ""]
-            cells.append("baseline")
-            rows.append('<tr class="baseline">' + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>")
+            rows.append('<tr class="baseline">' + "".join(f"<td>{html.escape(c)}</td>" for c in _baseline_cells(name, r)) + "</tr>")
 
         def img(name, alt):
             if name not in images:
@@ -222,6 +193,18 @@ coding rate R<sup>c</sup>).</p>
 bench {d["seconds"]["bench"]:.0f} s); {d["reused"]} of {d["compiled"]} artifacts reused from an earlier run.</p>
 </body></html>
 """
+
+
+HEADER = ["target", "precision", "status", "top-1 agreement", "max abs diff", "min cosine", "min ISTA IoU", "max R^c rel"]
+HEADER += [h for b in BATCHES for h in (f"batch {b} ms", f"batch {b} speed-up")] + ["note"]
+
+
+def _baseline_cells(name: str, r: dict) -> list[str]:
+    """An eager baseline's row: its p50 per batch; eager upstream is the speed-ups' reference."""
+    cells = [name, "fp32", "eager", "", "", "", "", ""]
+    for b in BATCHES:
+        cells += [f"{r[str(b)]['p50_ms']:.2f}" if str(b) in r else "-", "1.00x" if name == "eager upstream" else ""]
+    return cells + ["baseline"]
 
 
 def _md_cells(r: dict) -> list[str]:
@@ -334,7 +317,7 @@ def demo(targets=None, out="out/demo", model=None, threads: int | None = None, l
             }
             target = (c.get("target") or "") if c.get("kind") != "baseline" else None
             name = c["name"]
-            match = next((n for n, a in runs.items() if target == n or str(a.path) == c.get("path") or name == n), None)
+            match = target if target in runs else None
             if match is not None:
                 rows[match]["speed"] = speed
             else:
