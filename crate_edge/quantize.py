@@ -29,13 +29,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .calibration import METHODS
 from .data import open_inputs
 from .errors import CrateEdgeError
 from .rewrites import FoldedISTA, FoldedISTAUpdate
 
 SCHEMES = ("int8", "fp8", "int8_weights", "palettize", "fp16", "bf16")
 SITE_KINDS = ("embed", "qkv", "out", "ista", "head")
-CALIBRATIONS = ("max", "percentile", "entropy")
 
 # what never gets quantized, by op: recorded in manifests next to the sites
 KEEP_FLOAT = (
@@ -82,7 +82,7 @@ class QuantConfig:
             ("scheme", self.scheme, SCHEMES),
             ("weights", self.weights, ("per_channel", "per_tensor")),
             ("activations", self.activations, ("static", "dynamic", "none")),
-            ("calibration", self.calibration, CALIBRATIONS),
+            ("calibration", self.calibration, METHODS),
             ("ista", self.ista, ("update", "matrix")),
         ]
         for key, val, allowed in checks:

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import CrateEdgeError
 from ..export import export
-from .base import Availability, Backend, Capabilities, Compiled, precision_map
+from .base import Availability, Backend, Capabilities, Compiled, device_of, precision_map
 
 PACKAGE = "model.pt2"
 
@@ -32,7 +32,7 @@ class AOTIBackend(Backend):
 
         if not run and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
             return Availability(False, "no C++ compiler on PATH (AOTInductor compiles C++)")
-        device = (manifest or {}).get("backend", {}).get("device") or (target.device if target is not None else "cpu")
+        device = device_of(target, manifest)
         if device == "cuda" and not torch.cuda.is_available():
             what = "runs" if run else "compiles"
             return Availability(False, f"AOTInductor {what} a CUDA package on a CUDA host, and there is no CUDA GPU here")

@@ -102,6 +102,11 @@ def _missing(mods) -> list[str]:
     return out
 
 
+def device_of(target=None, manifest: dict | None = None) -> str:
+    """Where an artifact executes: its manifest's backend device, else what `target` builds for."""
+    return (manifest or {}).get("backend", {}).get("device") or (target.device if target is not None else "cpu")
+
+
 class Backend:
     name: str = ""
     capabilities: Capabilities

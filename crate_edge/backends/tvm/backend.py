@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ...errors import BackendUnavailable, CrateEdgeError
 from ...runtimes import TVM_LIBRARY, tvm_vm_runner
-from ..base import Availability, Backend, Capabilities, Compiled, precision_map
+from ..base import Availability, Backend, Capabilities, Compiled, device_of, precision_map
 from .lower import _batch_var, _import, _op_inventory, build, fused
 from .metaschedule import tune
 from .quant import quantize_module
@@ -50,7 +50,7 @@ class TVMBackend(Backend):
         """Runs CPU artifacts wherever the TVM runtime imports; CUDA artifacts also need a GPU
         (pass the manifest to ask about one artifact, or the target for what it would build)."""
         ok = super().available(target, run, manifest)
-        device = (manifest or {}).get("backend", {}).get("device") or (target.device if target is not None else "cpu")
+        device = device_of(target, manifest)
         if ok and run and device == "cuda" and not _has_gpu():
             return Availability(False, "this artifact was built for CUDA and there is no CUDA GPU here")
         return ok
