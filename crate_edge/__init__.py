@@ -1,4 +1,4 @@
-"""crate-edge: take a CRATE white-box transformer from training to TensorRT, TVM, Core ML,
+"""crate-edge: take a CRATE or CRATE-α white-box transformer from training to TensorRT, TVM, Core ML,
 ExecuTorch, ONNX Runtime and AOTInductor, with proof of parity and measured speed.
 
 Importing the package imports no torch: the model and checkpoint names below load their
@@ -17,10 +17,12 @@ _LAZY = {
     "load_model": "checkpoint",
     "save_model": "checkpoint",
     "CRATE": "model",
-    "VARIANTS": "model",
     "CrateConfig": "model",
-    "create_model": "model",
-    "list_variants": "model",
+    "CrateAlpha": "crate_alpha",
+    "CrateAlphaConfig": "crate_alpha",
+    "VARIANTS": "family",
+    "create_model": "family",
+    "list_variants": "family",
 }
 
 
@@ -72,6 +74,8 @@ __all__ = [
     "bench",
     "CRATE",
     "CrateConfig",
+    "CrateAlpha",
+    "CrateAlphaConfig",
     "VARIANTS",
     "create_model",
     "list_variants",

@@ -109,21 +109,34 @@ _DATA_SPECS = (
     "e.g. ImageNet's 0.485,0.456,0.406; stored with the model and applied to image data.",
 )
 @click.option("--std", default=None, metavar="S1,S2,S3", help="Per-channel input std, with --mean.")
+@click.option(
+    "--image-size",
+    default=None,
+    metavar="H[,W]",
+    help="Input size, when the patch grid is not square (the token count gives only H*W).",
+)
 @_model_options
-def import_cmd(ckpt, out, mean, std, heads, pool):
-    """Convert an upstream CRATE checkpoint to the crate-edge format.
+def import_cmd(ckpt, out, mean, std, image_size, heads, pool):
+    """Convert an upstream CRATE or CRATE-α checkpoint to the crate-edge format (the family
+    is told by the keys).
 
-    Python: crate_edge.import_checkpoint(ckpt, out, heads=, pool=, mean=, std=)"""
+    Python: crate_edge.import_checkpoint(ckpt, out, heads=, pool=, mean=, std=, image_size=)"""
     from .checkpoint import import_checkpoint, load_model
+    from .family import title
 
     check_writable(out)
     norm = {k: _floats(v, f"--{k}") for k, v in (("mean", mean), ("std", std)) if v is not None}
     if len(norm) == 1:
         raise CrateEdgeError("give --mean and --std together")
+    if image_size is not None:
+        hw = _floats(image_size, "--image-size")
+        if len(hw) not in (1, 2) or any(v != int(v) or v < 1 for v in hw):
+            raise CrateEdgeError(f"--image-size {image_size!r}: expected H or H,W (positive integers)")
+        norm["image_size"] = int(hw[0]) if len(hw) == 1 else (int(hw[0]), int(hw[1]))
     path = import_checkpoint(ckpt, out, heads=heads, pool=pool, **norm)
     cfg = load_model(path).cfg
     click.echo(
-        f"wrote {path}: CRATE dim={cfg.dim} depth={cfg.depth} heads={cfg.heads}x{cfg.dim_head} "
+        f"wrote {path}: {title(cfg)} dim={cfg.dim} depth={cfg.depth} heads={cfg.heads}x{cfg.dim_head} "
         f"patch={cfg.patch_size} image={cfg.image_size} channels={cfg.channels} classes={cfg.num_classes} pool={cfg.pool}"
         + (f" mean={list(cfg.mean)} std={list(cfg.std)}" if cfg.mean is not None else "")
     )
@@ -138,16 +151,19 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 
 @main.command()
 def variants():
-    """List the named CRATE variants and their parameter counts.
+    """List the named CRATE and CRATE-α variants and their parameter counts.
 
     Python: crate_edge.create_model(name)"""
-    from .model import VARIANTS, create_model
+    import torch
+
+    from .family import VARIANTS, create_model
 
     for name in VARIANTS:
-        m = create_model(name)
+        with torch.device("meta"):  # shapes only: the large variants need no memory
+            m = create_model(name)
         c = m.cfg
         click.echo(
-            f"{name:<12} dim={c.dim:<5} depth={c.depth:<3} heads={c.heads}x{c.dim_head:<3} "
+            f"{name:<18} dim={c.dim:<5} depth={c.depth:<3} heads={c.heads}x{c.dim_head:<3} "
             f"image={c.image_size}/{c.patch_size} ch={c.channels} params={sum(p.numel() for p in m.parameters()):,}"
         )
 
@@ -159,7 +175,8 @@ def variants():
 @click.option("--out", default="out/inspect", show_default=True, type=click.Path(file_okay=False))
 @_model_options
 def inspect(model, data, n_images, out, heads, pool):
-    """Per-layer coding rate and sparsity of MODEL (table, JSON and PNG).
+    """Per-layer coding rate and sparsity of MODEL (CRATE-α: and the residual of its code z2), as a
+    table, JSON and PNG.
 
     Python: crate_edge.whitebox.measure(model, images)"""
     from .data import open_inputs
@@ -261,7 +278,11 @@ def targets():
 @click.option("--target", "-t", required=True, help="Target name (see `crate-edge targets`) or a path to a target .toml.")
 @click.option("--model", "-m", default="embedded", show_default=True, help="crate-edge model dir/.safetensors or upstream checkpoint.")
 @click.option("--out", "-o", default=None, type=click.Path(file_okay=False), help="Artifact directory (default artifacts/<target>).")
-@click.option("--probe", is_flag=True, help="Also output per-layer MSSA features and ISTA outputs (for per-layer parity).")
+@click.option(
+    "--probe",
+    is_flag=True,
+    help="Also output per-layer MSSA features and ISTA outputs (CRATE-α: codes z2 and residuals), and report per-layer parity.",
+)
 @click.option(
     "--parity-data",
     default="embedded",
@@ -273,9 +294,11 @@ def targets():
 @click.option("--keep-failed", is_flag=True, help="Keep the artifact even when parity fails (the command still exits non-zero).")
 @_model_options
 def compile_cmd(target, model, out, probe, parity_data, calibration_data, calibration_images, keep_failed, heads, pool):
-    """Compile MODEL for TARGET into an artifact directory, with a parity check.
+    """Compile MODEL for TARGET into an artifact directory, with a parity check (per layer too
+    with --probe: ISTA support IoU, coding rate, and for CRATE-α the residual of z2).
 
-    Python: crate_edge.compile(model, target, out=..., calibration_data=..., parity_data=...)"""
+    Python: crate_edge.compile(model, target, out=..., calibration_data=..., parity_data=...),
+    then crate_edge.parity.parity(artifact, reference=model, data=...) for the per-layer table"""
     from .compiler import compile as run
 
     m = _load(model, heads, pool)
@@ -290,10 +313,19 @@ def compile_cmd(target, model, out, probe, parity_data, calibration_data, calibr
         calibration_images=calibration_images,
     )
     nv = art.manifest.get("not_verified", {})
+    passed = art.manifest["parity"]["passed"]
+    if probe:
+        from .parity import parity
+
+        rep = parity([art], reference=m, data=parity_data, progress=False)
+        click.echo(rep.table())
+        passed = passed and rep.passed
     click.echo(
-        f"{art.path}: {art.target} artifact, parity {'passed' if art.manifest['parity']['passed'] else 'FAILED'}"
+        f"{art.path}: {art.target} artifact, parity {'passed' if passed else 'FAILED'}"
         + (f"; not verified here: {', '.join(nv)}" if nv else "")
     )
+    if not passed:
+        raise SystemExit(1)
 
 
 @main.command("quantize")
@@ -365,11 +397,11 @@ def run_cmd(artifact, data, n_images):
     import numpy as np
 
     from .data import open_inputs
-    from .model import CrateConfig
+    from .family import config_from_dict
     from .runtime import load
 
     art = load(artifact)
-    cfg = CrateConfig.from_dict(art.manifest["source_model"]["config"])
+    cfg = config_from_dict(art.manifest["source_model"]["config"])
     x, y = open_inputs(data, cfg, "test").first(n_images).tensors()
     n = len(x)
     labels = None if y is None else y.tolist()

@@ -106,7 +106,7 @@ def compile(
         if int(calibration_images) < 1:
             raise CrateEdgeError(f"calibration_images must be at least 1, got {calibration_images}")
         qc = qc.replace(calibration_images=int(calibration_images))
-    names = quant_rewrites(t.rewrites, qc)
+    names = quant_rewrites(t.rewrites, qc, src.cfg.FAMILY)
     module = rewrites.apply(src, names)
     if probe:
         module = rewrites.Probe(module)
@@ -138,7 +138,6 @@ def compile(
         comp = be.compile(exported, t, tmp, quant=plan)
         if sorted(comp.precision) != sorted(PRECISION_KEYS):
             raise CrateEdgeError(f"backend {be.name}: its precision map has keys {sorted(comp.precision)}, not {list(PRECISION_KEYS)}")
-        depth = cfg.depth
         manifest: dict[str, Any] = {
             "format": ARTIFACT_FORMAT,
             "version": 1,
@@ -154,8 +153,7 @@ def compile(
                 "batch_range": list(comp.batch_range or t.dynamic_batch or (bs, bs)),
                 "preprocessing": {"scale": 1 / 255, "mean": cfg.mean, "std": cfg.std},
             },
-            "outputs": ["logits"]
-            + ([f"mssa_features_{i}" for i in range(depth)] + [f"ista_out_{i}" for i in range(depth)] if probe else []),
+            "outputs": ["logits"] + (rewrites.probe_output_names(src) if probe else []),
             "probe": probe,
             "precision": comp.precision,
             "rewrites": names,

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CrateConfig", "CRATE", "VARIANTS", "create_model", "list_variants"]
+__all__ = ["CrateConfig", "CRATE", "VARIANTS"]
 
 
 def _pair(x) -> tuple[int, int]:
@@ -45,6 +45,8 @@ class CrateConfig:
     emb_dropout: float = 0.0
     mean: tuple[float, ...] | None = field(default=None)  # input normalisation, per channel
     std: tuple[float, ...] | None = field(default=None)
+
+    FAMILY: ClassVar[str] = "crate"
 
     def __post_init__(self):
         if self.pool not in ("cls", "mean"):
@@ -75,15 +77,20 @@ class CrateConfig:
         for k, v in d.items():
             if isinstance(v, tuple):
                 d[k] = list(v)
+        if self.FAMILY != "crate":  # CRATE's dict stays as it was, so model hashes do not move
+            d["family"] = self.FAMILY
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "CrateConfig":
+        d = dict(d)
+        family = d.pop("family", "crate")
+        if family != cls.FAMILY:
+            raise ValueError(f"config of model family {family!r}, not {cls.FAMILY!r}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown model config field(s): {', '.join(unknown)}")
-        d = dict(d)
         for k in ("image_size", "patch_size", "mean", "std"):
             if isinstance(d.get(k), list):
                 d[k] = tuple(d[k])
@@ -93,9 +100,9 @@ class CrateConfig:
 class PreNorm(nn.Module):
     """LayerNorm then fn: upstream's wrapper (keys `norm.*`, `fn.*`)."""
 
-    def __init__(self, dim: int, fn: nn.Module):
+    def __init__(self, dim: int, fn: nn.Module, eps: float = 1e-5):
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=eps)
         self.fn = fn
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -109,7 +116,7 @@ class MSSA(nn.Module):
     o_k = softmax(w_k w_k^T / sqrt(p)) w_k, heads concatenated, then the output map.
     """
 
-    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0, out_bias: bool = True):
         super().__init__()
         inner = heads * dim_head
         self.heads, self.dim_head = heads, dim_head
@@ -117,7 +124,7 @@ class MSSA(nn.Module):
         self.qkv = nn.Linear(dim, inner, bias=False)
         # upstream skips the output map only in this degenerate case
         project_out = not (heads == 1 and dim_head == dim)
-        self.to_out = nn.Sequential(nn.Linear(inner, dim), nn.Dropout(dropout)) if project_out else nn.Identity()
+        self.to_out = nn.Sequential(nn.Linear(inner, dim, bias=out_bias), nn.Dropout(dropout)) if project_out else nn.Identity()
         self.attn_dropout = nn.Dropout(dropout)
 
     def subspace_features(self, z: torch.Tensor) -> torch.Tensor:
@@ -182,6 +189,10 @@ class PatchRearrange(nn.Module):
 
 
 class CRATE(nn.Module):
+    # per layer, forward_intermediates gives (MSSA features, sparse code): here the code is the
+    # ISTA output Z^{l+1} itself; probe artifacts output each field for every layer, named so
+    PROBE_FIELDS = ("mssa_features", "ista_out")
+
     def __init__(self, cfg: CrateConfig):
         super().__init__()
         self.cfg = cfg
@@ -242,16 +253,3 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "mnist-small": dict(image_size=28, patch_size=4, channels=1, num_classes=10, dim=128, depth=6, heads=4, dim_head=32),
     "mnist-base": dict(image_size=28, patch_size=4, channels=1, num_classes=10, dim=192, depth=6, heads=6, dim_head=32),
 }
-
-
-def list_variants() -> list[str]:
-    return sorted(VARIANTS)
-
-
-def create_model(name: str | None = None, **overrides) -> CRATE:
-    """create_model("tiny") -> CRATE-Tiny/16 at 224; keyword overrides change any config field."""
-    if name is not None and name not in VARIANTS:
-        raise ValueError(f"unknown CRATE variant {name!r}; known: {', '.join(list_variants())}")
-    kw = dict(VARIANTS[name]) if name else {}
-    kw.update(overrides)
-    return CRATE(CrateConfig(**kw))

@@ -12,6 +12,10 @@ The reference runs the upstream formulation in fp32 (the CRATE module as is), an
   w_l   MSSA features U^T LN1(Z^l) of its input, (b, heads, N, p)
   z_l   its ISTA output Z^{l+1}, (b, N, d): the block boundary
 So a perturbation inside block l shows first in z_l (and in w_{l+1}).
+For a CRATE-α (crate_edge.crate_alpha) z_l is the layer's sparse code z2 (b, N, 4d), whose
+support IoU and zero fraction are measured the same way, and the probe also outputs, per layer
+and image, the reconstruction residual ||x - D z2|| / ||x||: reported per layer as residual_ref
+and residual (the artifact's), in the tables and the PNG.
 
 Metrics, streamed batch by batch (per-layer tensors are never held beyond one batch):
   logits     reference and artifact top-1 against the labels, top-1 drop (reference minus
@@ -59,8 +63,8 @@ import torch
 from .checkpoint import load_model, model_hash
 from .data import open_inputs
 from .errors import CrateEdgeError
+from .family import is_model
 from .metrics import logit_parity
-from .model import CRATE
 from .outputs import atomic_dir
 from .rewrites import split_probe_outputs
 from .runtime import Runner, load
@@ -72,6 +76,7 @@ LAYER_TOLERANCES = ("min_support_iou", "max_coding_rate_rel", "min_sqnr_db")
 CODING_RATE_FULL_MAX_TOKENS = 64
 CODING_RATE_CAP = 256
 _BATCH_BYTES = 256 << 20  # probe outputs of one batch (reference + artifact) stay under about this
+_Z_IS = {False: "z = its ISTA output", True: "z = its sparse code z2 (CRATE-α)"}
 
 
 # ------------------------------------------------------------------ report types
@@ -233,16 +238,18 @@ class ParityReport:
             if r.layers is None:
                 lines.append(f"{r.label}: not a probe build, logit metrics only")
                 continue
-            lines.append(f"{r.label} per layer (z = ISTA output, w = MSSA features; coding rate on {r.coding_rate_images} images):")
+            alpha = "residual" in r.layers[0]
+            lines.append(f"{r.label} per layer ({_Z_IS[alpha]}, w = MSSA features; coding rate on {r.coding_rate_images} images):")
             lines.append(
                 f"{'layer':>5} {'SQNR z':>8} {'SQNR w':>8} {'cos z min':>10} {'IoU mean':>9} {'IoU p05':>8} "
-                f"{'zeros ref':>9} {'zeros':>7} {'R^c ref':>9} {'R^c':>9} {'rel':>9}"
+                f"{'zeros ref':>9} {'zeros':>7} {'R^c ref':>9} {'R^c':>9} {'rel':>9}" + (f" {'resid ref':>9} {'resid':>9}" if alpha else "")
             )
             for d in r.layers:
                 lines.append(
                     f"{d['layer']:>5} {_db(d['z_sqnr_db']):>8} {_db(d['w_sqnr_db']):>8} {d['z_cos_min']:>10.6f} "
                     f"{d['support_iou_mean']:>9.4f} {d['support_iou_p05']:>8.4f} {d['zero_fraction_ref']:>9.4f} "
                     f"{d['zero_fraction']:>7.4f} {d['coding_rate_ref']:>9.3f} {d['coding_rate']:>9.3f} {d['coding_rate_rel']:>9.2e}"
+                    + (f" {d['residual_ref']:>9.4f} {d['residual']:>9.4f}" if alpha else "")
                 )
         for r in self.results:
             for t in r.failures:
@@ -284,13 +291,14 @@ class ParityReport:
             if r.layers is None:
                 out.append("Not a probe build: logit metrics only (compile with `--probe` for per-layer parity).")
             else:
+                alpha = "residual" in r.layers[0]
                 out += [
-                    f"Layer l = transformer.layers[l]; z = its ISTA output, w = its MSSA features. Coding rate over "
-                    f"{r.coding_rate_images} images.",
+                    f"Layer l = transformer.layers[l]; {_Z_IS[alpha]}, w = its MSSA features. Coding rate over "
+                    f"{r.coding_rate_images} images." + (" Residual: ||x - D z2|| / ||x||, mean over images." if alpha else ""),
                     "",
                     "| layer | SQNR z (dB) | SQNR w (dB) | cos z mean | cos z min | cos w min | max abs z | IoU mean | IoU min | IoU p05 "
-                    "| zeros ref | zeros | R^c ref | R^c | R^c rel |",
-                    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+                    "| zeros ref | zeros | R^c ref | R^c | R^c rel |" + (" residual ref | residual |" if alpha else ""),
+                    "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if alpha else ""),
                 ]
                 for d in r.layers:
                     out.append(
@@ -298,6 +306,7 @@ class ParityReport:
                         f"{d['w_cos_min']:.7f} | {d['z_max_abs']:.3g} | {d['support_iou_mean']:.4f} | {d['support_iou_min']:.4f} | "
                         f"{d['support_iou_p05']:.4f} | {d['zero_fraction_ref']:.4f} | {d['zero_fraction']:.4f} | "
                         f"{d['coding_rate_ref']:.3f} | {d['coding_rate']:.3f} | {d['coding_rate_rel']:.2e} |"
+                        + (f" {d['residual_ref']:.4f} | {d['residual']:.4f} |" if alpha else "")
                     )
             if r.violations:
                 out += ["", "Failures:", ""] + [f"- {t}" for t in r.failures]
@@ -330,10 +339,19 @@ class ParityReport:
             ax.set_ylim(min(vals) - 2, max(vals) + 1)
             ax.set(ylabel=what, title=f"{what} on {self.n} images of {self.data} (no probe builds: logits only)")
         else:
-            fig, axs = plt.subplots(2, 2, figsize=(11, 8))
-            (a1, a2), (a3, a4) = axs
+            alpha = "residual" in probes[0].layers[0]
+            fig, axs = plt.subplots(2, 3 if alpha else 2, figsize=(16 if alpha else 11, 8))
+            (a1, a2, *a5), (a3, a4, *a6) = axs
             layers = np.arange(len(probes[0].layers))
             ref_layers = self.reference.get("layers") or probes[0].layers
+            if alpha:  # CRATE-α: the residual of the code, and its change against the reference
+                a5, a6 = a5[0], a6[0]
+                a5.plot(layers, [d["residual_ref"] for d in ref_layers], "k--x", ms=9, zorder=5, label="reference")
+                for i, r in enumerate(probes):
+                    a5.plot(layers, [d["residual"] for d in r.layers], "-o", color=f"C{i}", label=r.label)
+                    a6.plot(layers, [d["residual"] - d["residual_ref"] for d in r.layers], "-o", color=f"C{i}", label=r.label)
+                a5.set(xlabel="layer", ylabel="$\\|x - D z_2\\| / \\|x\\|$", title="reconstruction residual of the code")
+                a6.set(xlabel="layer", ylabel="artifact - reference", title="residual change")
             a3.plot(layers, [d["zero_fraction_ref"] for d in ref_layers], "k--x", ms=9, zorder=5, label="reference")
             a4.plot(layers, [d["coding_rate_ref"] for d in ref_layers], "k--x", ms=9, zorder=5, label="reference")
             for i, r in enumerate(probes):
@@ -349,7 +367,7 @@ class ParityReport:
                         ax.axhline(r.tolerances[key], color=c, lw=0.8, ls="--", alpha=0.6)
             a1.set(xlabel="layer", ylabel="SQNR (dB)", title="SQNR vs reference (z: ISTA output, w: MSSA features)")
             a2.set(xlabel="layer", ylabel="IoU", title="ISTA support IoU vs reference")
-            a3.set(xlabel="layer", ylabel="fraction of zeros in $Z^{l+1}$", title="ISTA zero fraction")
+            a3.set(xlabel="layer", ylabel="fraction of zeros in " + ("$z_2$" if alpha else "$Z^{l+1}$"), title="ISTA zero fraction")
             a4.set(xlabel="layer", ylabel="$R^c$ of $U^T$LN($Z^l$)", title=f"coding rate ({probes[0].coding_rate_images} images)")
             for ax in axs.flat:
                 ax.grid(alpha=0.3)
@@ -467,10 +485,10 @@ def target_tolerances(manifest: dict) -> dict[str, float]:
 
 
 def _load_reference(reference):
-    if isinstance(reference, CRATE):
+    if is_model(reference):
         return reference.eval(), type(reference).__name__ + " module", False
     if isinstance(reference, torch.nn.Module):
-        raise CrateEdgeError(f"reference must be a CRATE module or a model path, got {type(reference).__name__}")
+        raise CrateEdgeError(f"reference must be a CRATE or CRATE-α module or a model path, got {type(reference).__name__}")
     if reference is None or str(reference) == "embedded":
         return load_model(None), "embedded reference model", reference is None
     return load_model(reference), str(reference), False
@@ -492,12 +510,13 @@ def _load_artifacts(artifacts) -> list:
     return arts
 
 
-_STRUCTURE = ("image_size", "patch_size", "channels", "num_classes", "dim", "depth", "heads", "dim_head", "pool")
+_STRUCTURE = ("family", "image_size", "patch_size", "channels", "num_classes", "dim", "depth", "heads", "dim_head", "pool", "overcomplete")
 
 
 def _check_fits(model, art) -> None:
     cfg = model.cfg.to_dict()
     src = art.manifest.get("source_model", {}).get("config", {})
+    src, cfg = {"family": "crate", **src}, {"family": "crate", **cfg}
     bad = [f"{k} {src.get(k)!r} vs {cfg.get(k)!r}" for k in _STRUCTURE if k in src and _norm(src.get(k)) != _norm(cfg.get(k))]
     if bad:
         raise CrateEdgeError(
@@ -543,8 +562,9 @@ class _LayerAcc:
         self.zf = [[] for _ in range(depth)]
         self.iou = [[] for _ in range(depth)]
         self.cr = [[] for _ in range(depth)]
+        self.res = [[] for _ in range(depth)]
 
-    def add(self, l: int, w_ref, w, z_ref, z, cr_n: int):
+    def add(self, l: int, w_ref, w, z_ref, z, cr_n: int, residual=None):
         for ref, got, sig, err, cos in ((z_ref, z, self.z_sig, self.z_err, self.z_cos), (w_ref, w, self.w_sig, self.w_err, self.w_cos)):
             r, g = ref.flatten(1), got.flatten(1)
             e = g - r
@@ -559,8 +579,10 @@ class _LayerAcc:
         self.iou[l].append(support_iou(z_ref, z).numpy())
         if cr_n > 0:
             self.cr[l].append(coding_rate(w[:cr_n]).numpy())
+        if residual is not None:
+            self.res[l].append(residual.double().numpy())
 
-    def layers(self, ref_zf, ref_cr) -> list[dict]:
+    def layers(self, ref_zf, ref_cr, ref_res=None) -> list[dict]:
         out = []
         for l in range(self.depth):
             zc, wc = np.concatenate(self.z_cos[l]), np.concatenate(self.w_cos[l])
@@ -588,6 +610,9 @@ class _LayerAcc:
                     "coding_rate_rel": abs(crm - cr_ref) / abs(cr_ref) if cr_ref != 0 else (0.0 if crm == cr_ref else math.inf),
                 }
             )
+            if self.res[l]:  # CRATE-α: reconstruction residual of the code, ||x - D z2|| / ||x||
+                out[-1]["residual_ref"] = ref_res[l]
+                out[-1]["residual"] = float(np.concatenate(self.res[l]).mean())
         return out
 
 
@@ -725,7 +750,8 @@ def parity(
     n_tok = cfg.num_patches + 1
     any_probe = any(a.probe for a in arts)
     if batch_size is None:
-        per_img = 4 * depth * (n_tok * cfg.dim + cfg.heads * n_tok * cfg.dim_head) * (1 + sum(a.probe for a in arts)) if any_probe else 4096
+        code = cfg.dim * getattr(cfg, "overcomplete", 1)  # CRATE-α's code is 4d wide
+        per_img = 4 * depth * (n_tok * code + cfg.heads * n_tok * cfg.dim_head) * (1 + sum(a.probe for a in arts)) if any_probe else 4096
         batch_size = int(max(1, min(256, _BATCH_BYTES // per_img)))
     cr_cap = (
         coding_rate_images if coding_rate_images is not None else (n_total if n_tok <= CODING_RATE_FULL_MAX_TOKENS else CODING_RATE_CAP)
@@ -737,6 +763,8 @@ def parity(
     accs = [_LayerAcc(depth) if a.probe else None for a in arts]
     ref_zf = [[] for _ in range(depth)]
     ref_cr = [[] for _ in range(depth)]
+    ref_res = [[] for _ in range(depth)]
+    n_fields = len(type(model).PROBE_FIELDS)
     it: Iterable = ds.batches(batch_size)
     bar = None
     if progress:
@@ -763,26 +791,22 @@ def parity(
             labels.append(y.numpy())
         cr_n = max(0, min(len(x), cr_cap - seen))
         if any_probe:
-            for l, (w, z) in enumerate(feats):
-                ref_zf[l].append(zero_fraction(z).numpy())
+            for l, f in enumerate(feats):
+                ref_zf[l].append(zero_fraction(f[1]).numpy())
                 if cr_n:
-                    ref_cr[l].append(coding_rate(w[:cr_n]).numpy())
+                    ref_cr[l].append(coding_rate(f[0][:cr_n]).numpy())
+                if n_fields > 2:
+                    ref_res[l].append(f[2].double().numpy())
         xn = x.numpy()
         for k, a in enumerate(arts):
             outs = a.outputs(xn)
             if a.probe:
-                if len(outs) != 1 + 2 * depth:
-                    raise CrateEdgeError(f"{a.path}: probe artifact returned {len(outs)} outputs, expected {1 + 2 * depth}")
-                lg, ws, zs = split_probe_outputs(outs, depth)
+                if len(outs) != 1 + n_fields * depth:
+                    raise CrateEdgeError(f"{a.path}: probe artifact returned {len(outs)} outputs, expected {1 + n_fields * depth}")
+                lg, ws, zs, *rest = split_probe_outputs(outs, depth)
+                t = lambda v: torch.from_numpy(np.asarray(v, dtype=np.float32))  # noqa: E731
                 for l in range(depth):
-                    accs[k].add(
-                        l,
-                        feats[l][0],
-                        torch.from_numpy(np.asarray(ws[l], dtype=np.float32)),
-                        feats[l][1],
-                        torch.from_numpy(np.asarray(zs[l], dtype=np.float32)),
-                        cr_n,
-                    )
+                    accs[k].add(l, feats[l][0], t(ws[l]), feats[l][1], t(zs[l]), cr_n, t(rest[0][l]) if rest else None)
             else:
                 lg = outs[0]
             art_logits[k].append(np.asarray(lg, dtype=np.float32))
@@ -797,11 +821,14 @@ def parity(
     ref = np.concatenate(ref_logits)
     ref_top1 = float((ref.argmax(1) == y).mean()) if y is not None else None
     ref_layers = None
-    zf_means = cr_means = None
+    zf_means = cr_means = res_means = None
     if any_probe:
         zf_means = [float(np.concatenate(v).mean()) for v in ref_zf]
         cr_means = [float(np.concatenate(v).mean()) for v in ref_cr]
+        res_means = [float(np.concatenate(v).mean()) for v in ref_res] if n_fields > 2 else None
         ref_layers = [{"layer": l, "zero_fraction_ref": zf_means[l], "coding_rate_ref": cr_means[l]} for l in range(depth)]
+        for l, d in enumerate(ref_layers if res_means else []):
+            d["residual_ref"] = res_means[l]
     results = []
     labels_seen: dict[str, int] = {}
     for k, a in enumerate(arts):
@@ -809,7 +836,7 @@ def parity(
         lg = logit_parity(ref, got, y)
         if y is not None:
             lg["top1_drop"] = lg["reference_top1"] - lg["artifact_top1"]
-        layers = accs[k].layers(zf_means, cr_means) if a.probe else None
+        layers = accs[k].layers(zf_means, cr_means, res_means) if a.probe else None
         tol = {**target_tolerances(a.manifest), **override}
         viol, unchecked = check(lg, layers, tol)
         label = Path(a.path).name

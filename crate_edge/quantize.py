@@ -32,7 +32,7 @@ from torch import nn
 from .calibration import METHODS
 from .data import open_inputs
 from .errors import CrateEdgeError
-from .rewrites import FoldedISTA, FoldedISTAUpdate
+from .rewrites import FoldedISTA, FoldedISTAUpdate, FoldedOvercompleteISTA, PatchLinear
 
 SCHEMES = ("int8", "fp8", "int8_weights", "palettize", "fp16", "bf16")
 SITE_KINDS = ("embed", "qkv", "out", "ista", "head")
@@ -125,26 +125,33 @@ class QuantPlan:
         return out
 
 
-def quant_rewrites(rewrites: list[str], qc: "QuantConfig | None") -> list[str]:
-    """The target's rewrite list with the ISTA fold the config asks for."""
+def quant_rewrites(rewrites: list[str], qc: "QuantConfig | None", family: str = "crate") -> list[str]:
+    """The target's rewrite list with the ISTA fold the config asks for (and, for CRATE-α, its
+    Conv2d patch embedding as a Linear, the embedding site both families share)."""
     if qc is None:
         return list(rewrites)
     fold = {"fold_ista", "fold_ista_update"}
     out = [qc.ista_rewrite() if r in fold else r for r in rewrites]
     if not fold & set(rewrites):
         out.append(qc.ista_rewrite())
+    if family == "crate-alpha" and "patch_linear" not in out:
+        out.insert(0, "patch_linear")
     return out
 
 
 def all_sites(model: nn.Module) -> dict[str, str]:
-    """Every quantizable GEMM of a (rewritten, possibly Probe-wrapped) CRATE:
-    site name ("embed", "3.qkv", "3.out", "3.ista", "head") -> module path in `model`.
-    The module at that path is an nn.Linear, or a FoldedISTA (F.linear on its own weight)."""
+    """Every quantizable GEMM of a (rewritten, possibly Probe-wrapped) CRATE or CRATE-α:
+    site name ("embed", "3.qkv", "3.out", "3.ista", "head"; CRATE-α's folded ISTA has four,
+    "3.ista.enc", "3.ista.syn", "3.ista.res", "3.ista.dec", all of kind "ista") -> module path in
+    `model`. The module at that path is an nn.Linear, or a FoldedISTA (F.linear on its own weight)."""
     prefix = ""
     inner = model
     if not hasattr(inner, "transformer") and hasattr(inner, "model"):
         inner, prefix = inner.model, "model."
-    sites = {"embed": f"{prefix}to_patch_embedding.2"}
+    if hasattr(inner, "to_patch_embedding"):
+        sites = {"embed": f"{prefix}to_patch_embedding.2"}
+    else:  # CRATE-α: a site once patch_linear has made its Conv2d a Linear
+        sites = {"embed": f"{prefix}conv1.linear"} if isinstance(inner.conv1, PatchLinear) else {}
     for i, (mssa, ista) in enumerate(inner.transformer.layers):
         base = f"{prefix}transformer.layers.{i}"
         sites[f"{i}.qkv"] = f"{base}.0.fn.qkv"
@@ -154,7 +161,10 @@ def all_sites(model: nn.Module) -> dict[str, str]:
             sites[f"{i}.ista"] = f"{base}.1.fn.update"
         elif isinstance(ista.fn, FoldedISTA):
             sites[f"{i}.ista"] = f"{base}.1.fn"
-        # an unfolded ISTA (three GEMMs on one shared D) is not a quantization site
+        elif isinstance(ista.fn, FoldedOvercompleteISTA):
+            for part in ("enc", "syn", "res", "dec"):
+                sites[f"{i}.ista.{part}"] = f"{base}.1.fn.{part}"
+        # an unfolded ISTA (GEMMs on shared dictionaries) is not a quantization site
     sites["head"] = f"{prefix}mlp_head.1"
     return sites
 
@@ -164,8 +174,8 @@ def quant_sites(model: nn.Module, qc: QuantConfig) -> dict[str, str]:
     keep = set(qc.float_layers)
     out = {}
     for name, path in all_sites(model).items():
-        kind = name.split(".")[-1]
-        layer = int(name.split(".")[0]) if "." in name else None
+        parts = name.split(".")
+        layer, kind = (int(parts[0]), parts[1]) if len(parts) > 1 else (None, parts[0])
         if kind in qc.sites and (layer is None or layer not in keep):
             out[name] = path
     return out

@@ -2,7 +2,11 @@
 function (tests hold every pass to <= 1e-5 in fp32) in a form some backend runs faster.
 
   fold_ista         ISTA's three GEMMs become one: ReLU(y A - eta lambda),
-                    A = I + eta (D - D^T D), folded in float64 then cast
+                    A = I + eta (D - D^T D), folded in float64 then cast. On CRATE-α (as
+                    fold_ista_update there) the scalars go into the dictionaries: four
+                    nn.Linear GEMMs enc = eta D^T, syn = D, res = -eta D^T (both biased
+                    -eta lambda), dec = D1, so z1 = ReLU(enc x), z2 = ReLU(z1 + res(syn z1 - x)),
+                    out = dec z2; z1 and x stay float paths (adds) when the GEMMs are quantized
   fold_ista_update  the same single GEMM on the update only: ReLU(y + y dA - eta lambda),
                     dA = eta (D - D^T D) in an nn.Linear `update`, so that a quantizer can
                     quantize dA while the identity path y stays in float (crate_edge.quantize's policy)
@@ -15,6 +19,9 @@ function (tests hold every pass to <= 1e-5 in fp32) in a form some backend runs 
                     bmm but not the expand_copy that 4-D batched matmul lowers to
   linear_layernorm  LayerNorm as mean/variance through F.linear with a 1/d row: XNNPACK has no
                     layer_norm, but linear/sub/mul/add/rsqrt delegate
+  patch_linear      CRATE-α's Conv2d patch embedding (kernel = stride = patch) as patches
+                    flattened in Conv2d's (c, p1, p2) order times an nn.Linear over the conv's
+                    weight: the quantizers' embedding site is a Linear in both families
   shift_patch_norm  the patch LayerNorm computed on x - x[..., 0] (LN is shift invariant): a
                     near-uniform patch (background, sky, upsampled images) has variance << eps,
                     so LN multiplies the rounding error of its mean by up to eps^-1/2 = 316;
@@ -38,6 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .crate_alpha import CrateAlpha, OvercompleteISTA
 from .errors import CrateEdgeError
 from .model import CRATE, ISTA, MSSA
 
@@ -86,8 +94,61 @@ class FoldedISTA(nn.Module):
         return F.relu(F.linear(y, self.weight, self.bias))
 
 
+class FoldedOvercompleteISTA(nn.Module):
+    """CRATE-α's two ISTA steps and decoding with eta and lambda folded into four nn.Linear GEMMs
+    (weights scaled in float64, then cast): z1 = ReLU(enc x), z2 = ReLU(z1 + res(syn z1 - x)),
+    out = dec z2, with enc = eta D^T, res = -eta D^T (both biased -eta lambda), syn = D, dec = D1.
+    res carries the minus sign (exact) so that no two sites hold the same weight tensor: Core ML's
+    quantizer finds a site's op by its weight."""
+
+    def __init__(self, ista: OvercompleteISTA):
+        super().__init__()
+        D, D1 = ista.D.detach().double(), ista.D1.detach()
+        d, m = D.shape
+        dt, eta, lam = ista.D.dtype, ista.eta, ista.lambd
+        self.enc, self.res = nn.Linear(d, m), nn.Linear(d, m)
+        self.syn, self.dec = nn.Linear(m, d, bias=False), nn.Linear(m, d, bias=False)
+        with torch.no_grad():
+            for lin, sign in ((self.enc, 1.0), (self.res, -1.0)):
+                lin.weight.copy_((sign * eta * D.t()).to(dt))
+                lin.bias.fill_(-eta * lam)
+            self.syn.weight.copy_(ista.D.detach())
+            self.dec.weight.copy_(D1)
+        self.requires_grad_(False)
+        self.eta, self.lambd = eta, lam
+
+    def sparse_code(self, x: torch.Tensor) -> torch.Tensor:
+        z1 = F.relu(self.enc(x))
+        return F.relu(z1 + self.res(self.syn(z1) - x))
+
+    def decode(self, z2: torch.Tensor) -> torch.Tensor:
+        return self.dec(z2)
+
+    def reconstruct(self, z2: torch.Tensor) -> torch.Tensor:
+        """D z2, for the reconstruction residual. A probe gives the block its own copy `rec` of
+        -D (see Probe): a weight shared with the `syn` site would get one run-time transpose from
+        the ONNX exporter, which no quantizer can calibrate, and Core ML's quantizer finds a site's
+        op by its weight, so the copy is negated (exactly) to differ from D."""
+        return -self.rec(z2) if hasattr(self, "rec") else self.syn(z2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.sparse_code(x))
+
+
+def _fold_alpha(model) -> bool:
+    """CRATE-α's fold (both ISTA folds name it there); True if `model` is a CRATE-α."""
+    if not isinstance(model, CrateAlpha):
+        return False
+    for _, ista in model.transformer.layers:
+        if isinstance(ista.fn, OvercompleteISTA):
+            ista.fn = FoldedOvercompleteISTA(ista.fn)
+    return True
+
+
 @register("fold_ista")
 def fold_ista(model: CRATE) -> CRATE:
+    if _fold_alpha(model):
+        return model
     for _, ista in model.transformer.layers:
         if isinstance(ista.fn, ISTA):
             ista.fn = FoldedISTA(ista.fn)
@@ -139,6 +200,8 @@ def ista_gemm(model: CRATE) -> CRATE:
 
 @register("fold_ista_update")
 def fold_ista_update(model: CRATE) -> CRATE:
+    if _fold_alpha(model):
+        return model
     for _, ista in model.transformer.layers:
         if isinstance(ista.fn, ISTA):
             ista.fn = FoldedISTAUpdate(ista.fn)
@@ -250,9 +313,45 @@ class ShiftedLayerNorm(nn.Module):
 
 @register("shift_patch_norm")
 def shift_patch_norm(model: CRATE) -> CRATE:
+    if isinstance(model, CrateAlpha):  # no patch LayerNorm: a Conv2d embeds the raw pixels
+        return model
     emb = model.to_patch_embedding
     if not isinstance(emb[1], ShiftedLayerNorm):
         emb[1] = ShiftedLayerNorm(emb[1])
+    return model
+
+
+# ------------------------------------------------------------------ CRATE-α patch embedding
+
+
+class PatchLinear(nn.Module):
+    """Conv2d(kernel = stride = patch) as patches times a Linear over the same weights, returned
+    in the conv's (b, d, h, w) layout, so CrateAlpha.embed is unchanged."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        d, c, ph, pw = conv.weight.shape
+        self.ph, self.pw = ph, pw
+        self.linear = nn.Linear(c * ph * pw, d, bias=conv.bias is not None)
+        with torch.no_grad():
+            self.linear.weight.copy_(conv.weight.detach().flatten(1))  # (d, c*ph*pw), Conv2d's (c, p1, p2) order
+            if conv.bias is not None:
+                self.linear.bias.copy_(conv.bias.detach())
+        self.linear.requires_grad_(conv.weight.requires_grad)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        b, c, H, W = img.shape
+        h, w = H // self.ph, W // self.pw
+        # rank <= 5 throughout (Core ML): (b c) h p1 w p2 -> (b c) h w p1 p2 -> b (h w) (c p1 p2)
+        x = img.reshape(b * c, h, self.ph, w, self.pw).permute(0, 1, 3, 2, 4)
+        x = x.reshape(b, c, h * w, self.ph * self.pw).permute(0, 2, 1, 3).reshape(b, h * w, c * self.ph * self.pw)
+        return self.linear(x).transpose(1, 2).unflatten(2, (h, w))
+
+
+@register("patch_linear")
+def patch_linear(model: CRATE) -> CRATE:
+    if isinstance(model, CrateAlpha) and isinstance(model.conv1, nn.Conv2d):
+        model.conv1 = PatchLinear(model.conv1)
     return model
 
 
@@ -260,20 +359,32 @@ def shift_patch_norm(model: CRATE) -> CRATE:
 
 
 class Probe(nn.Module):
-    """Wraps a (rewritten) CRATE so that it also returns, per layer l, the MSSA features
-    U^T LN1(Z^l) (b, heads, N, p) and the ISTA output Z^{l+1} (b, N, d), for per-layer parity.
-    Outputs: (logits, w_0, ..., w_{L-1}, z_1, ..., z_L)."""
+    """Wraps a (rewritten) model so that it also returns its per-layer fields (the model's
+    PROBE_FIELDS), for per-layer parity: CRATE's MSSA features U^T LN1(Z^l) (b, heads, N, p) and
+    ISTA output Z^{l+1} (b, N, d); CRATE-α's features, code z2 (b, N, 4d) and reconstruction
+    residual (b,). Outputs: (logits, field 0 of layers 0..L-1, field 1 of layers 0..L-1, ...)."""
 
     def __init__(self, model: CRATE):
         super().__init__()
         self.model = model
+        for mod in model.modules():
+            if isinstance(mod, FoldedOvercompleteISTA) and not hasattr(mod, "rec"):
+                mod.rec = nn.Linear(mod.syn.in_features, mod.syn.out_features, bias=False).requires_grad_(False)
+                with torch.no_grad():
+                    mod.rec.weight.copy_(-mod.syn.weight)
 
     def forward(self, x: torch.Tensor):
         z, feats = self.model.forward_intermediates(x)
         logits = self.model.forward_head(z)
-        return (logits, *[w for w, _ in feats], *[zz for _, zz in feats])
+        return (logits, *[f[i] for i in range(len(feats[0])) for f in feats])
+
+
+def probe_output_names(model) -> list[str]:
+    """Names of a Probe's outputs after the logits: {field}_{layer}, field by field."""
+    return [f"{name}_{i}" for name in type(model).PROBE_FIELDS for i in range(model.cfg.depth)]
 
 
 def split_probe_outputs(outputs, depth: int):
-    """(logits, [w_l], [z_l]) from a probe model's flat output tuple."""
-    return outputs[0], list(outputs[1 : 1 + depth]), list(outputs[1 + depth : 1 + 2 * depth])
+    """(logits, [field 0 per layer], [field 1 per layer], ...) from a probe model's flat output tuple."""
+    n = (len(outputs) - 1) // depth
+    return (outputs[0], *[list(outputs[1 + k * depth : 1 + (k + 1) * depth]) for k in range(n)])

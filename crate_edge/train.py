@@ -29,7 +29,8 @@ from . import rewrites
 from .checkpoint import model_hash, save_model
 from .data import load_dataset, open_inputs, prepare
 from .errors import CrateEdgeError
-from .model import CRATE, VARIANTS, CrateConfig
+from .family import VARIANTS, build_model, variant_config
+from .model import CrateConfig
 from .outputs import atomic_dir, atomic_write, owned_dir
 
 try:
@@ -92,13 +93,12 @@ class Recipe:
     def model_config(self) -> CrateConfig:
         kw = dict(self.model)
         variant = kw.pop("variant", None)
+        family = kw.pop("family", "crate")
         if variant is not None and variant not in VARIANTS:
             raise CrateEdgeError(f"recipe {self.name}: unknown model variant {variant!r}")
-        base = dict(VARIANTS[variant]) if variant else {}
-        base.update(kw)
         try:
-            return CrateConfig.from_dict(base)
-        except (TypeError, ValueError) as e:
+            return variant_config(variant, family, **kw)
+        except (TypeError, ValueError, KeyError) as e:
             raise CrateEdgeError(f"recipe {self.name}: bad [model]: {e}") from None
 
 
@@ -168,7 +168,7 @@ def lr_at(r: Recipe, step: int, total: int, steps_per_epoch: int) -> float:
 # ------------------------------------------------------------------ resume state (no pickle)
 
 
-def _save_resume(out: Path, model: CRATE, opt: torch.optim.Optimizer, state: dict):
+def _save_resume(out: Path, model, opt: torch.optim.Optimizer, state: dict):
     from safetensors.torch import save_file
 
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -182,7 +182,7 @@ def _save_resume(out: Path, model: CRATE, opt: torch.optim.Optimizer, state: dic
         (tmp / "state.json").write_text(json.dumps(state))
 
 
-def _load_resume(out: Path, model: CRATE, opt: torch.optim.Optimizer) -> dict | None:
+def _load_resume(out: Path, model, opt: torch.optim.Optimizer) -> dict | None:
     from safetensors.torch import load_file
 
     d = out / "resume"
@@ -264,7 +264,7 @@ def train(
     out = Path(out_dir)
 
     torch.manual_seed(r.seed)
-    model = CRATE(cfg).to(device)
+    model = build_model(cfg).to(device)
     # train through a faster form of the same function over the same parameters; `model` stays the
     # reference formulation that is evaluated and shipped
     fwd = rewrites.apply(model, TRAIN_FUSION, share_parameters=True) if r.fused else model

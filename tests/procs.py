@@ -41,7 +41,7 @@ def tiny_recipe(tmp_path: Path, epochs: int, limit: int) -> Path:
 
 def small_model_and_data(tmp_path: Path) -> tuple[Path, Path]:
     """A one-layer CRATE in the crate-edge format and 16 float inputs for it: the cheapest real compile."""
-    from crate_edge.model import create_model
+    from crate_edge import create_model
 
     torch.manual_seed(0)
     m = create_model("mnist-micro", depth=1, dim=32, heads=2, dim_head=16).eval()

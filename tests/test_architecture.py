@@ -22,7 +22,7 @@ LAYERS = [
         "crate_edge.manifest",
         "crate_edge.host",
     ],
-    ["crate_edge.model"],
+    ["crate_edge.model", "crate_edge.crate_alpha", "crate_edge.family"],
     ["crate_edge.checkpoint", "crate_edge.data", "crate_edge.rewrites"],
     ["crate_edge.export"],
     ["crate_edge.calibration", "crate_edge.quantize", "crate_edge.metrics"],

@@ -145,7 +145,7 @@ def test_wrong_shapes_and_unknown_or_missing_keys(tmp_path):
     torch.save(missing, f)
     assert "missing 1 key(s) e.g. mlp_head.0.bias" in _err(f, heads=4)
     torch.save({"foo": torch.zeros(3)}, f)
-    assert "not a CRATE checkpoint" in _err(f, heads=4)
+    assert "not a CRATE or CRATE-α checkpoint" in _err(f, heads=4)
     torch.save(sd, f)
     assert "does not divide" in _err(f, heads=5)
 

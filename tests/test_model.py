@@ -42,5 +42,5 @@ def test_bad_configs_are_rejected():
         CrateConfig(pool="max")
     with pytest.raises(ValueError, match="unknown model config"):
         CrateConfig.from_dict({"dim": 8, "bogus": 1})
-    with pytest.raises(ValueError, match="unknown CRATE variant"):
+    with pytest.raises(ValueError, match="unknown model variant"):
         create_model("huge")

@@ -40,6 +40,7 @@ PARSER_OPS = {
     "Concat",
     "Constant",
     "ConstantOfShape",
+    "Conv",  # CRATE-α's patch embedding (2-D, kernel = stride)
     "DequantizeLinear",
     "Div",
     "Equal",
@@ -55,6 +56,7 @@ PARSER_OPS = {
     "Pow",
     "QuantizeLinear",
     "ReduceMean",
+    "ReduceSum",  # CRATE-α probes: the reconstruction residual's norms
     "Relu",
     "Reshape",
     "Shape",
