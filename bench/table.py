@@ -75,14 +75,18 @@ def gemm_flops(cfg) -> dict[str, int]:
     embed = 2 * cfg.num_patches * patch_dim * d
     mssa = 2 * n * d * inner + 2 * (2 * n * n * inner) + (2 * n * inner * d if project_out else 0)
     head = 2 * d * cfg.num_classes
-    ista_one = 2 * n * d * d
-    up = embed + cfg.depth * (mssa + 3 * ista_one) + head
-    folded = embed + cfg.depth * (mssa + ista_one) + head
+    if cfg.FAMILY == "crate-alpha":  # D^T x, D z1, D^T (D z1 - x), D1 z2: four d x 4d GEMMs, folded or not
+        ista_up = ista_fold = 4 * 2 * n * d * cfg.code_dim
+    else:  # CRATE: three d x d GEMMs upstream, one folded
+        ista_fold = 2 * n * d * d
+        ista_up = 3 * ista_fold
+    up = embed + cfg.depth * (mssa + ista_up) + head
+    folded = embed + cfg.depth * (mssa + ista_fold) + head
     return {
         "upstream": up,
         "folded": folded,
-        "ista_upstream_per_layer": 3 * ista_one,
-        "ista_folded_per_layer": ista_one,
+        "ista_upstream_per_layer": ista_up,
+        "ista_folded_per_layer": ista_fold,
         "attention_products_per_layer": 4 * n * n * inner,
     }
 
@@ -283,14 +287,25 @@ def model_for(name: str):
     if name in ("tiny", "small", "base", "large"):
         torch.manual_seed(0)
         return crate_edge.create_model(name, num_classes=10).eval(), f"CRATE-{name.title()}/16 at 224 (random weights, seed 0)"
+    if name.startswith("alpha-") and f"crate-{name}" in crate_edge.VARIANTS:  # alpha-base: CRATE-α-B/16 at 224
+        torch.manual_seed(0)
+        m = crate_edge.create_model(f"crate-{name}", num_classes=10).eval()
+        p = m.cfg.patch_size
+        return m, f"CRATE-α-{name[6:7].upper()}/{p} at 224 (random weights, seed 0)"
     if name != "embedded":
-        raise CrateEdgeError(f"unknown model {name!r}: tiny, small, base, large or embedded")
+        raise CrateEdgeError(
+            f"unknown model {name!r}: tiny, small, base, large, alpha-tiny, alpha-small, alpha-base, alpha-large or embedded"
+        )
     return crate_edge.load_model(), "embedded reference model (28x28 Fashion-MNIST)"
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default=None, help="Comma-separated: tiny,embedded (default both; --quick: embedded)")
+    ap.add_argument(
+        "--models",
+        default=None,
+        help="Comma-separated: tiny, small, base, large, alpha-base (CRATE-α), ..., embedded (default tiny,embedded; --quick: embedded)",
+    )
     ap.add_argument("--targets", nargs="*", default=None, help="Targets to try (default: every target in list_targets())")
     ap.add_argument(
         "--device",
@@ -467,9 +482,14 @@ def render_md(result: dict) -> str:
     ]
     for mname, m in result["models"].items():
         fl = m["flops"]
+        mh = m["bench"].get("host") or h
+        alpha = fl["ista_upstream_per_layer"] == fl["ista_folded_per_layer"]
         lines += [
-            f"**{m['label']}**: {fl['upstream'] / 1e9:.3f} GFLOP/image upstream (3 ISTA GEMMs), {fl['folded'] / 1e9:.3f} folded "
-            f"(FlopCounterMode {'agrees' if fl['analytic_matches_counter'] else 'DISAGREES: ' + str((fl['counted_upstream'], fl['counted_folded']))})",
+            f"**{m['label']}**: {fl['upstream'] / 1e9:.3f} GFLOP/image upstream ("
+            + ("4 ISTA GEMMs on the 4d-wide code, as folded" if alpha else "3 ISTA GEMMs")
+            + f"), {fl['folded'] / 1e9:.3f} folded "
+            f"(FlopCounterMode {'agrees' if fl['analytic_matches_counter'] else 'DISAGREES: ' + str((fl['counted_upstream'], fl['counted_folded']))}); "
+            f"measured {m['bench']['date'][:10]} on {mh.get('cpu')} ({' '.join(mh.get('isa', []))})",
             "",
             "| contender | precision | batch | p50 ms | p99 ms | images/s | speed-up | roofline min ms (% of ceiling) | peak RSS MB | "
             + ("GPU peak MB | " if gpu else "")

@@ -365,13 +365,15 @@ class ParityReport:
                 for key, ax in (("min_sqnr_db", a1), ("min_support_iou", a2)):
                     if key in r.tolerances:
                         ax.axhline(r.tolerances[key], color=c, lw=0.8, ls="--", alpha=0.6)
-            a1.set(xlabel="layer", ylabel="SQNR (dB)", title="SQNR vs reference (z: ISTA output, w: MSSA features)")
-            a2.set(xlabel="layer", ylabel="IoU", title="ISTA support IoU vs reference")
+            zname = "code $z_2$" if alpha else "ISTA output"
+            a1.set(xlabel="layer", ylabel="SQNR (dB)", title=f"SQNR vs reference (z: {zname}, w: MSSA features)")
+            a2.set(xlabel="layer", ylabel="IoU", title=f"support IoU of the {zname} vs reference")
             a3.set(xlabel="layer", ylabel="fraction of zeros in " + ("$z_2$" if alpha else "$Z^{l+1}$"), title="ISTA zero fraction")
             a4.set(xlabel="layer", ylabel="$R^c$ of $U^T$LN($Z^l$)", title=f"coding rate ({probes[0].coding_rate_images} images)")
             for ax in axs.flat:
                 ax.grid(alpha=0.3)
                 ax.legend(fontsize=7)
+                ax.xaxis.get_major_locator().set_params(integer=True)
             fig.suptitle(f"parity against {self.reference['name']} on {self.n} images of {self.data}")
         fig.tight_layout()
         fig.savefig(path, dpi=110)
