@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from . import rewrites
+from . import isa, rewrites
 from ._version import __version__
 from .backends import get_backend
 from .backends.base import PRECISION_KEYS
@@ -158,6 +158,7 @@ def compile(
             "precision": comp.precision,
             "rewrites": names,
             "quantization": plan.manifest() if plan is not None else None,
+            "requires": isa.requirement(comp.isa, comp.isa_extra),
             "verified": comp.verified,
             "not_verified": comp.not_verified,
             "files": file_hashes(tmp, comp.files),
@@ -235,7 +236,8 @@ def compile_each(model, targets, root, prefix: str = "", reuse: bool = False, lo
             if reuse and (d / MANIFEST).exists():
                 art = load(d, reference_ok=True)  # as compile() returns it: a labelled stand-in where it cannot run here
                 m = art.manifest
-                if (m["source_model"]["sha256"], m["target"]["sha256"], bool(m.get("probe"))) == (h, t.sha256, bool(kw.get("probe"))):
+                same = (m["source_model"]["sha256"], m["target"]["sha256"], bool(m.get("probe"))) == (h, t.sha256, bool(kw.get("probe")))
+                if same and isa.fits_host(m):  # never code built for another CPU
                     arts[t.name] = art
                     say(f"[{t.name}] reusing {d}")
                     continue

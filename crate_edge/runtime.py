@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import isa
 from .errors import BackendUnavailable, CrateEdgeError
 from .manifest import read_verified
 from .runtimes import RUNNERS
@@ -100,6 +101,7 @@ def runner_for(art_dir: Path, manifest: dict[str, Any], threads: int | None = No
     """`load` for a manifest that crate_edge.manifest.read_verified has already checked (bench times the
     verification and the runtime's load apart)."""
     d, m = Path(art_dir), manifest
+    isa.check(m, d)  # code built for another CPU is refused before any of it is loaded
     be = m["backend"]["name"]
     try:
         if be in RUNNERS:

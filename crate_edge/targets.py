@@ -32,6 +32,7 @@ class Target:
     parity: dict[str, float] = field(default_factory=dict)  # max_abs, min_top1_agreement, min_cosine
     bench: dict[str, Any] = field(default_factory=dict)
     quantize: dict[str, Any] = field(default_factory=dict)
+    isa: str = "native"  # the CPU level compiled code may assume (crate_edge.isa); TVM and AOTInductor bake it in
     path: str = ""
     sha256: str = ""
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -62,7 +63,7 @@ def tolerances_for(definition: dict) -> dict[str, float]:
     return {**(FP32_TOLERANCES if fp32 else {}), **dict(definition.get("parity") or {})}
 
 
-_KEYS = {"name", "backend", "precision", "description", "rewrites", "options", "input", "parity", "bench", "quantize"}
+_KEYS = {"name", "backend", "precision", "description", "rewrites", "options", "input", "parity", "bench", "quantize", "isa"}
 
 
 def targets_dir() -> Path:
@@ -116,7 +117,11 @@ def load_target(name_or_path: str | Path) -> Target:
         dyn = (int(dyn[0]), int(dyn[1]))
     else:
         dyn = None
+    from .isa import ISA_LEVELS
     from .rewrites import PASSES  # here: the rewrites import torch, and listing targets needs none
+
+    if doc.get("isa", "native") not in ISA_LEVELS:
+        raise CrateEdgeError(f"target file {p}: isa must be one of {', '.join(ISA_LEVELS)}, got {doc.get('isa')!r}")
 
     bad = [r for r in doc.get("rewrites", []) if r not in PASSES]
     if bad:
@@ -133,6 +138,7 @@ def load_target(name_or_path: str | Path) -> Target:
         parity=dict(doc.get("parity", {})),
         bench=dict(doc.get("bench", {})),
         quantize=dict(doc.get("quantize", {})),
+        isa=str(doc.get("isa", "native")),
         path=str(p),
         sha256=hashlib.sha256(raw_bytes).hexdigest(),
         raw=doc,

@@ -14,6 +14,33 @@ from .base import Availability, Backend, Capabilities, Compiled, device_of, prec
 PACKAGE = "model.pt2"
 
 
+# Inductor's vector-ISA flags (torch._inductor.cpu_vec_isa) as /proc/cpuinfo names them
+_FLAG_NAMES = {
+    "avx512vnni": "avx512_vnni",
+    "avx512bf16": "avx512_bf16",
+    "amx-tile": "amx_tile",
+    "amx-bf16": "amx_bf16",
+    "amx-int8": "amx_int8",
+}
+
+
+def _cpu_level(level: str) -> tuple[str, tuple[str, ...], dict]:
+    """Inductor settings for a CPU level (crate_edge.isa): "native" is Inductor's default (-march=native
+    and the widest vector ISA it finds); x86-64-v3 compiles with -march=x86-64-v3 and 256-bit
+    vectors (AVX2), x86-64-v4 with -march=x86-64-v4 and 512-bit vectors. Returns the level, the
+    features Inductor's vector ISA adds beyond it, and the inductor_configs."""
+    from torch._inductor import cpu_vec_isa
+
+    opts = {} if level == "native" else {"cpp.march": level, "cpp.simdlen": 256 if level == "x86-64-v3" else 512}
+    if level == "native":
+        return level, (), opts
+    vec = next((v for v in cpu_vec_isa.valid_vec_isa_list() if v.bit_width() == opts["cpp.simdlen"]), None)
+    if vec is None:
+        raise CrateEdgeError(f"aoti: this host cannot compile {opts['cpp.simdlen']}-bit vector code for isa {level}")
+    flags = [f[2:] for f in vec.build_arch_flags().split() if f.startswith("-m")]
+    return level, tuple(sorted({_FLAG_NAMES.get(f, f) for f in flags})), opts
+
+
 class AOTIBackend(Backend):
     name = "aoti"
     capabilities = Capabilities(
@@ -47,12 +74,17 @@ class AOTIBackend(Backend):
             module = module.cuda()
 
             ep = export(module, example.cuda(), target.dynamic_batch)
-        torch._inductor.aoti_compile_and_package(ep, package_path=str(out / PACKAGE))
+        isa, extra, opts = None, (), {}
+        if device == "cpu":
+            isa, extra, opts = _cpu_level(target.isa)
+        torch._inductor.aoti_compile_and_package(ep, package_path=str(out / PACKAGE), inductor_configs=opts or None)
         return Compiled(
             files=[PACKAGE],
             precision=precision_map("fp32"),
-            info={"device": device},
+            info={"device": device, **({"inductor_configs": opts} if opts else {})},
             verified={"execution": f"AOTInductor ({device}) on this machine"},
+            isa=isa,
+            isa_extra=extra,
         )
 
     def runner(self, art_dir: Path, manifest: dict, threads: int | None = None):

@@ -76,6 +76,10 @@ class Compiled:
     # the batch range the artifact accepts, when the backend pinned it (None: the target's);
     # crate_edge.runtime.Runner pads and splits inputs to it
     batch_range: tuple[int, int] | None = None
+    # the CPU level its machine code was built for (crate_edge.isa: "native", "x86-64-v3", ...),
+    # and features the build added beyond it; None: the runtime picks kernels when it runs
+    isa: str | None = None
+    isa_extra: tuple[str, ...] = ()
 
 
 PRECISION_KEYS = ("default", "io", "sites", "detail")

@@ -21,8 +21,9 @@ MetaSchedule tuning is optional on top (options tune_trials, tuning_db); its rec
 a kernel's default schedule where they measured faster.
 
 Options (target.options):
-  target       TVM target as a table, e.g. {kind = "llvm", mcpu = "native"} ("native": this CPU)
-               or {kind = "cuda", arch = "sm_90"}; TVM 0.27 rejects the old string form
+  target       TVM target as a table, e.g. {kind = "llvm"} or {kind = "cuda", arch = "sm_90"}; the CPU
+               level is the target file's isa key (native, x86-64-v3, x86-64-v4); TVM 0.27
+               rejects the old string form
   tune_trials  MetaSchedule trials on this machine (0: none; needs input.dynamic_batch = false)
   tuning_db    a MetaSchedule database directory to reuse (its records are copied into the
                artifact's tuning_db/, where new records are also written)

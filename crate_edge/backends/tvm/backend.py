@@ -58,7 +58,7 @@ class TVMBackend(Backend):
     def compile(self, exported, target, out: Path, quant=None) -> Compiled:
         module, ep = exported.module, exported.program
         opts = target.options
-        tgt = make_target(opts.get("target", {"kind": "llvm", "mcpu": "native"}))
+        tgt = make_target(opts.get("target", {"kind": "llvm"}), target.isa)
         device = "cuda" if tgt.kind.name == "cuda" else "cpu"
         if device == "cpu" and tgt.kind.name != "llvm":
             raise CrateEdgeError(f"tvm: target kind {tgt.kind.name!r} is not supported (llvm or cuda)")
@@ -109,14 +109,20 @@ class TVMBackend(Backend):
         verified, not_verified = {}, {}
         if device == "cuda" and not _has_gpu():
             # what the parity check can run here: the same Relax module built for this CPU
-            build(mod, make_target({"kind": "llvm", "mcpu": "native"})).export_library(str(out / CPU_TWIN))
+            build(mod, make_target({"kind": "llvm"}, target.isa)).export_library(str(out / CPU_TWIN))
             files.append(CPU_TWIN)
             not_verified["execution"] = "no CUDA GPU here: the CUDA library was built, not run"
             verified["numerics"] = "the same Relax module built by TVM for this CPU (llvm)"
         else:
             verified["execution"] = f"TVM Relax VM ({device}) on this machine"
         return Compiled(
-            files=files, precision=precision_map("fp32", sites), batch_range=pinned, verified=verified, not_verified=not_verified, info=info
+            files=files,
+            precision=precision_map("fp32", sites),
+            batch_range=pinned,
+            verified=verified,
+            not_verified=not_verified,
+            info=info,
+            isa=target.isa if device == "cpu" else None,  # a cuda library's host code is generic llvm
         )
 
     def reference_runner(self, art_dir: Path, manifest: dict):

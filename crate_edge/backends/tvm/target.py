@@ -11,8 +11,10 @@ def _say(msg: str) -> None:
     print(f"[tvm] {msg}", file=sys.stderr, flush=True)
 
 
-def make_target(spec):
-    """tvm.target.Target from the target table; llvm mcpu "native" becomes this CPU's name."""
+def make_target(spec, isa: str = "native"):
+    """tvm.target.Target from the target table. An llvm target's CPU is the target file's `isa`
+    (crate_edge.isa): "native" becomes this CPU's name, "x86-64-v3"/"x86-64-v4" are LLVM's CPU
+    levels; options.target.mcpu may say "native" (the old spelling) but no other CPU."""
     import tvm
     from tvm.target import codegen
 
@@ -24,8 +26,11 @@ def make_target(spec):
     spec = dict(spec)
     host = spec.pop("host", None)
     if spec["kind"] == "llvm":
-        if spec.get("mcpu") == "native":
-            spec["mcpu"] = codegen.llvm_get_system_cpu()
+        if spec.get("mcpu", "native") != "native":
+            raise CrateEdgeError(
+                f"tvm: set the CPU with the target's isa key (native, x86-64-v3, x86-64-v4), not options.target.mcpu = {spec['mcpu']!r}"
+            )
+        spec["mcpu"] = codegen.llvm_get_system_cpu() if isa == "native" else isa
         # lets LLVM vectorise the LayerNorm/softmax row sums; the GEMMs are vectorised by hand
         spec.setdefault("fast-math-reassoc", True)
         spec.setdefault("fast-math-nsz", True)
