@@ -474,6 +474,12 @@ def render_md(result: dict) -> str:
     where = (
         f"GPU {h.get('gpu')} (host CPU {h['cpu']}, {h['cores']} cores)" if gpu else f"{h['cpu']} ({h['cores']} cores, {' '.join(h['isa'])})"
     )
+    hosts = {
+        (m["bench"].get("host") or h).get("cpu", "") + " ".join((m["bench"].get("host") or h).get("isa", []))
+        for m in result["models"].values()
+    }
+    if len(hosts) > 1:  # models appended from runs on different CPUs: each names its own
+        where = "the host named under each model (they differ)"
     lines = [
         f"Measured {', '.join(dates)} on {where}, {s['threads']} threads; p50 over {s['iters']} calls per contender in "
         "interleaved rounds, same inputs; speed-up = eager upstream p50 / p50; peak RSS = the contender's own process"
@@ -561,7 +567,10 @@ def plot(reports: dict, path: Path) -> None:
     nc = max(len(r.contenders) for r in reports.values())
     fig, axes = plt.subplots(len(reports), nb, figsize=(6.5 * nb, (0.45 * nc + 1.6) * len(reports)), squeeze=False)
     for row, (name, rep) in zip(axes, reports.items()):
-        rep.plot_axes(row, title=f"{rep.data['source_model']['label']}\n")
+        n = len(rep.data["settings"]["batch"])
+        rep.plot_axes(row[:n], title=f"{rep.data['source_model']['label']}\n")
+        for ax in row[n:]:  # a model measured at fewer batch sizes
+            ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
