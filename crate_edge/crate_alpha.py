@@ -15,7 +15,7 @@ Unlike CRATE, whose one ISTA step on a complete (d x d) dictionary replaces the 
 code z2 is 4d wide and the block is residual. Pre-norms are LayerNorm with eps 1e-6, the head's
 LayerNorm keeps eps 1e-5; the patch embedding is a biased Conv2d (kernel = stride = patch); the
 head pools the cls token. Shared with CRATE (crate_edge.model): MSSA, PreNorm, the config's
-validation, the head. Parameter names are upstream's, so its .pth files load as they are.
+validation, the head (Classifier). Parameter names are upstream's, so its .pth files load as they are.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import MSSA, CrateConfig, PreNorm, _pair
+from .model import MSSA, Classifier, CrateConfig, PreNorm, _pair
 
 __all__ = ["CrateAlphaConfig", "CrateAlpha", "OvercompleteISTA", "VARIANTS"]
 
@@ -98,7 +98,7 @@ class Transformer(nn.Module):
         )
 
 
-class CrateAlpha(nn.Module):
+class CrateAlpha(Classifier):
     # per layer, forward_intermediates gives (MSSA features, sparse code z2, reconstruction
     # residual per image); probe artifacts output each field for every layer, named so
     PROBE_FIELDS = ("mssa_features", "ista_code", "ista_residual")
@@ -140,12 +140,6 @@ class CrateAlpha(nn.Module):
     def forward_features(self, img: torch.Tensor) -> torch.Tensor:
         return self._layers(img, False)[0]
 
-    def forward_head(self, z: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        pooled = z.mean(dim=1) if self.cfg.pool == "mean" else z[:, 0]
-        return pooled if pre_logits else self.mlp_head(pooled)
-
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(img))
 
 
 # Upstream's base and large; tiny and small sized as CRATE's; "mnist" for 28x28 single-channel

@@ -188,7 +188,20 @@ class PatchRearrange(nn.Module):
         return x.reshape(b, c, h * w, self.ph * self.pw).permute(0, 2, 3, 1).reshape(b, h * w, self.ph * self.pw * c)
 
 
-class CRATE(nn.Module):
+class Classifier(nn.Module):
+    """What CRATE and CRATE-α share after their layers: pool the tokens (the cls token, or the mean
+    of all N+1), then `mlp_head` (LayerNorm and the classifier). A subclass gives cfg, mlp_head
+    and forward_features."""
+
+    def forward_head(self, z: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        pooled = z.mean(dim=1) if self.cfg.pool == "mean" else z[:, 0]
+        return pooled if pre_logits else self.mlp_head(pooled)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(img))
+
+
+class CRATE(Classifier):
     # per layer, forward_intermediates gives (MSSA features, sparse code): here the code is the
     # ISTA output Z^{l+1} itself; probe artifacts output each field for every layer, named so
     PROBE_FIELDS = ("mssa_features", "ista_out")
@@ -233,13 +246,6 @@ class CRATE(nn.Module):
         """Final tokens Z^L."""
         return self.forward_intermediates(img)[0]
 
-    def forward_head(self, z: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Pool the tokens (cls token, or the mean of all N+1), then LayerNorm and the classifier."""
-        pooled = z.mean(dim=1) if self.cfg.pool == "mean" else z[:, 0]
-        return pooled if pre_logits else self.mlp_head(pooled)
-
-    def forward(self, img: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(img))
 
 
 # Named variants, as timm does. Published ImageNet configurations (the paper's Table 1) and
