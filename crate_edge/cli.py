@@ -527,5 +527,39 @@ def bench_cmd(artifacts, batch, threads, warmup, iters, seconds, rounds, model, 
     click.echo(f"wrote {out}/bench.json, {out}/bench.md and {out}/bench.png")
 
 
+@main.command("profile")
+@click.argument("artifact", type=click.Path(file_okay=False))
+@click.option("--data", default="embedded", show_default=True, metavar="SPEC", help="Inputs and fidelity data (test split): " + _DATA_SPECS)
+@click.option("--batch", type=int, default=1, show_default=True, help="Images per run.")
+@click.option("--iters", type=int, default=20, show_default=True, help="Profiled runs (after 3 warmup runs).")
+@click.option("--threads", type=int, default=None, help="Runtime threads (default: the target's setting).")
+@click.option(
+    "--reference",
+    "-r",
+    default=None,
+    help="Reference model for the fidelity columns (default: the embedded model, which must be the artifact's source).",
+)
+@click.option("--no-fidelity", is_flag=True, help="Latency only: skip the per-block fidelity against the reference.")
+@click.option(
+    "--out",
+    default="out/profile",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory for profile.json, profile.md and profile.png.",
+)
+def profile_cmd(artifact, data, batch, iters, threads, reference, no_fidelity, out):
+    """Per-block and per-op-kind latency of ARTIFACT from its runtime's own profiler (ONNX Runtime,
+    ExecuTorch ETDump, TVM's VM), beside each block's fidelity (per layer for probe builds).
+
+    Python: crate_edge.profile.profile(artifact, data=, batch=, iters=, threads=, reference=)"""
+    from .profile import profile
+
+    check_writable(out)
+    report = profile(artifact, data=data, batch=batch, iters=iters, threads=threads, reference=reference, fidelity=not no_fidelity)
+    report.write(out)
+    click.echo(report.table())
+    click.echo(f"wrote {out}/profile.json, {out}/profile.md and {out}/profile.png")
+
+
 if __name__ == "__main__":
     main()

@@ -141,7 +141,6 @@ class CrateAlpha(Classifier):
         return self._layers(img, False)[0]
 
 
-
 # Upstream's base and large; tiny and small sized as CRATE's; "mnist" for 28x28 single-channel
 # images, about the embedded CRATE's parameter count (recipes/fmnist-alpha.toml).
 VARIANTS: dict[str, dict[str, Any]] = {

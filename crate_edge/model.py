@@ -247,7 +247,6 @@ class CRATE(Classifier):
         return self.forward_intermediates(img)[0]
 
 
-
 # Named variants, as timm does. Published ImageNet configurations (the paper's Table 1) and
 # small ones for 28x28 single-channel images (MNIST / Fashion-MNIST).
 VARIANTS: dict[str, dict[str, Any]] = {

@@ -44,6 +44,7 @@ _HEAVY_FIRST = [
     "test_outputs_kill.py",
     "test_quant_executorch.py",
     "test_bench.py",
+    "test_profile.py",
     "test_crate_alpha_targets.py",
     "test_compiler.py",
     "test_quant_coreml.py",
