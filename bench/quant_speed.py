@@ -1,10 +1,20 @@
 """Each reduced-precision CPU artifact against the same backend's fp32 artifact (the int8 speed-up
-over fp32), in ONE process with interleaved rounds (no idle worker processes whose thread pools
-spin while another contender runs), plus eager upstream for the speed-up ratio.
+over fp32), in ONE process with interleaved rounds, beside eager upstream and what a user would
+pick instead (torch.compile; OpenVINO f32, default precision and NNCF int8 with the `openvino`
+extra), against this host's GEMM floors measured in the same run.
 
     python bench/quant_speed.py [--model tiny] [--threads 2] [--batch 1] [--artifacts DIR]
 
-Artifacts are compiled into --artifacts (reused when present and built from the same model).
+Timing: bench._common.time_rounds, with the CPU idle again before every contender's block (a
+runtime whose threads keep spinning after a call would slow the next one), run twice, in the
+contenders' order and reversed; both medians are recorded and the table gives the first and
+the largest difference between the two. Floors: GEMM FLOPs per image (bench/table.py's count)
+over this host's ceilings measured here (bench/table.py's gemm_ceilings on the model's
+(tokens x d) x (d x d) shape): fp32 (every GEMM at the fp32 ceiling), int8 under the CRATE policy
+(weight GEMMs at the int8 ceiling, the attention products at fp32), int8 everywhere, bf16.
+Fraction of floor = floor ms / median ms. Every result records the host's ISA. Artifacts are
+compiled into --artifacts and reused only when built from the same model and target for this
+host's CPU (crate_edge.isa).
 Writes bench/results/quant_speed_<model>_b<batch>_t<threads>.{json,md,png}.
 """
 
@@ -22,11 +32,41 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import crate_edge  # noqa: E402
+from bench import baselines  # noqa: E402
 from bench._common import time_rounds, write_tables  # noqa: E402
+from bench.table import gemm_ceilings, gemm_flops  # noqa: E402
 from crate_edge.compiler import compile_each  # noqa: E402
 from crate_edge.host import host_info  # noqa: E402
+from crate_edge.metrics import logit_parity  # noqa: E402
+from crate_edge.quantize import QuantConfig, calibration_images  # noqa: E402
+from crate_edge.targets import load_target  # noqa: E402
 
 PAIRS = [("executorch", "executorch-int8"), ("onnxruntime", "onnxruntime-int8"), ("tvm", "tvm-int8")]
+UPSTREAM = "eager upstream"
+
+
+def floors(cfg, ceil: dict, batch: int) -> dict[str, float | None]:
+    """Minimum ms per batch at this host's GEMM ceilings (module docstring)."""
+    fl = gemm_flops(cfg)
+    attn = cfg.depth * fl["attention_products_per_layer"]
+    g = {p: (ceil[p]["gflops"] or 0.0) * 1e9 for p in ("fp32", "bf16", "int8")}
+    ms = lambda flops, rate: batch * flops / rate * 1e3 if rate else None  # noqa: E731
+    return {
+        "fp32_upstream": ms(fl["upstream"], g["fp32"]),
+        "fp32": ms(fl["folded"], g["fp32"]),
+        "bf16": ms(fl["folded"], g["bf16"]),
+        "int8_crate_policy": None if not g["int8"] else batch * ((fl["folded"] - attn) / g["int8"] + attn / g["fp32"]) * 1e3,
+        "int8_everything": ms(fl["folded"], g["int8"]),
+    }
+
+
+def floor_of(name: str, precision: str | None) -> str:
+    """Which floor a contender is held to."""
+    if name in (UPSTREAM, "torch.compile"):
+        return "fp32_upstream"  # the upstream formulation: three ISTA GEMMs
+    if "int8" in name:
+        return "int8_everything" if name.startswith("openvino") else "int8_crate_policy"  # NNCF quantizes attention too
+    return "bf16" if precision == "bf16" else "fp32"
 
 
 def main():
@@ -36,6 +76,7 @@ def main():
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--per-round", type=int, default=5)
+    ap.add_argument("--no-baselines", action="store_true", help="Only eager upstream and the crate-edge targets")
     ap.add_argument("--artifacts", default=str(ROOT / "artifacts" / "speed"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args()
@@ -46,16 +87,67 @@ def main():
     else:
         model, label = crate_edge.load_model(), "embedded reference model (28x28)"
     x = np.random.default_rng(0).standard_normal((a.batch, *model.cfg.input_shape)).astype(np.float32)
+    host = host_info(torch_info=True)
+    print(f"host: {host['cpu']}, ISA {' '.join(host['isa'])}", file=sys.stderr)
+
+    n_tok = (model.cfg.num_patches + 1) * a.batch
+    print(f"GEMM ceilings on ({n_tok} x {model.cfg.dim}) x ({model.cfg.dim} x {model.cfg.dim}), {a.threads} threads", file=sys.stderr)
+    ceil = gemm_ceilings(n_tok, model.cfg.dim, model.cfg.dim, a.threads, 0.5)
+    floor_ms = floors(model.cfg, ceil, a.batch)
 
     def eager(inp):
         with torch.no_grad():
             return model(torch.from_numpy(inp)).numpy()
 
-    fns = {"eager upstream": eager}
+    fns = {UPSTREAM: eager}
     arts, skipped = compile_each(model, [t for p in PAIRS for t in p], a.artifacts, prefix=f"{a.model}-", reuse=True, parity_limit=200)
     fns.update(arts)
-    times = time_rounds(fns, x, 5, a.rounds, a.per_round)
+    precision = {k: v.manifest["target"]["definition"].get("precision", "fp32") for k, v in arts.items()}
+    if not a.no_baselines:
+        f, s = baselines.torch_compile(model, x)
+        fns.update(f)
+        skipped.update(s)
+        cal = calibration_images(model.cfg, QuantConfig.from_target(load_target("onnxruntime-int8"))).numpy()
+        f, s = baselines.openvino(model, x, cal, a.threads)
+        fns.update(f)
+        skipped.update(s)
+        precision.update({k: "int8" if "int8" in k else fn.precision or "fp32" for k, fn in f.items()})
+    # parity of every contender against eager upstream on the same 32 held-out images
+    from crate_edge.data import open_inputs
+
+    px, py = open_inputs("embedded", model.cfg, "test").first(32).tensors()
+    ref = np.concatenate([eager(px[i : i + 1].numpy()) for i in range(len(px))])
+    parity = {}
+    for k, fn in fns.items():
+        got = np.concatenate([np.asarray(fn(px[i : i + 1].numpy()))[:1] for i in range(len(px))])
+        p = logit_parity(ref, got, None)
+        parity[k] = {"top1_agreement": p["top1_agreement"], "min_cosine": p["min_cosine"], "max_abs": p["max_abs"]}
+
+    runs, busy = [], [{}, {}]
+    for i, order in enumerate((list(fns), list(fns)[::-1])):
+        print(f"timing, {'forward' if i == 0 else 'reversed'} order", file=sys.stderr)
+        t = time_rounds({k: fns[k] for k in order}, x, 5, a.rounds, a.per_round, busy=busy[i])
+        runs.append(t)
+    times = runs[0]
     med = {k: float(np.median(v)) for k, v in times.items()}
+    med_rev = {k: float(np.median(v)) for k, v in runs[1].items()}
+    contenders = {}
+    for k in fns:
+        fk = floor_of(k, precision.get(k))
+        fm = floor_ms.get(fk)
+        contenders[k] = {
+            "median_ms": med[k],
+            "median_ms_reversed": med_rev[k],
+            "order_difference": abs(med[k] - med_rev[k]) / med[k],
+            "p90_ms": float(np.percentile(times[k], 90)),
+            "precision": precision.get(k, "fp32"),
+            "floor": fk,
+            "floor_ms": fm,
+            "fraction_of_floor": fm / med[k] if fm else None,
+            "vs_upstream": med[UPSTREAM] / med[k],
+            "cpu_busy_before_blocks_max": float(max(busy[0].get(k, [0.0]))),
+            "parity_vs_eager": parity[k],
+        }
     rows = []
     for fp, q in PAIRS:
         if fp in med and q in med:
@@ -75,11 +167,15 @@ def main():
         "model": label,
         "batch": a.batch,
         "threads": a.threads,
-        "host": host_info(torch_info=True),
+        "host": host,
         "median_ms": med,
         "p90_ms": {k: float(np.percentile(v, 90)) for k, v in times.items()},
         "rows": rows,
         "skipped": skipped,
+        "gemm_ceilings": ceil,
+        "floors_ms": floor_ms,
+        "contenders": contenders,
+        "timing": "time_rounds with settle() before every block, forward then reversed order; median_ms from the forward run",
     }
     stem = f"quant_speed_{a.model}_b{a.batch}_t{a.threads}"
     lines = [
@@ -96,6 +192,25 @@ def main():
         )
     for k, v in skipped.items():
         lines.append(f"| {k} | skipped: {v} | | | | | |")
+    g = {p: ceil[p]["gflops"] for p in ("fp32", "bf16", "int8")}
+    lines += [
+        "",
+        f"Host: {host['cpu']}, ISA {' '.join(host['isa'])}. GEMM ceilings measured in this run on {ceil['shape']}: "
+        + ", ".join(f"{p} {v:.0f} G/s ({ceil[p]['how']})" for p, v in g.items() if v)
+        + ". Floors (ms): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in floor_ms.items() if v)
+        + ".",
+        "",
+        "| contender | precision | median ms | reversed order ms | p90 ms | vs eager upstream | floor | fraction of floor | top-1 agreement / min cosine vs eager |",
+        "|---|---|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for k, c in sorted(contenders.items(), key=lambda kv: kv[1]["median_ms"]):
+        fr = f"{100 * c['fraction_of_floor']:.0f}%" if c["fraction_of_floor"] else "-"
+        p = c["parity_vs_eager"]
+        lines.append(
+            f"| {k} | {c['precision']} | {c['median_ms']:.2f} | {c['median_ms_reversed']:.2f} | {c['p90_ms']:.2f} | "
+            f"{c['vs_upstream']:.2f}x | {c['floor']} | {fr} | {100 * p['top1_agreement']:.1f}% / {p['min_cosine']:.5f} |"
+        )
     out = write_tables(a.out, stem, res, lines)
     import matplotlib
 
