@@ -125,14 +125,17 @@ def check_writable(path: str | os.PathLike) -> Path:
     return p
 
 
-def _write_marker(d: Path, kind: str, dirs: tuple[str, ...] = ()) -> None:
+def _write_marker(d: Path, kind: str, dirs: tuple[str, ...] = (), also: tuple[str, ...] = ()) -> None:
     files = sorted(
-        r
-        for q in d.rglob("*")
-        if (q.is_file() or q.is_symlink())
-        and (r := str(q.relative_to(d))) != MARKER
-        and not _transient(r.split("/")[0])
-        and r.split("/")[0] not in dirs
+        {
+            r
+            for q in d.rglob("*")
+            if (q.is_file() or q.is_symlink())
+            and (r := str(q.relative_to(d))) != MARKER
+            and not _transient(r.split("/")[0])
+            and r.split("/")[0] not in dirs
+        }
+        | set(also)
     )
     doc = {"format": MARKER_FORMAT, "version": 1, "kind": kind, "crate_edge": __version__, "files": files, "dirs": list(dirs)}
     atomic_write(d / MARKER, json.dumps(doc, indent=1) + "\n")
@@ -295,6 +298,12 @@ def atomic_dir(target: str | os.PathLike, kind: str, say: Callable[[str], None] 
                 shutil.rmtree(tmp, ignore_errors=True)
 
 
+# directories this process holds with owned_dir -> (kind, dirs): atomic_write into one lists the
+# file in its marker before the file appears, so a run killed at any moment leaves a directory
+# that crate-edge recognises as its own and resumes into
+_OWNED: dict[str, tuple[str, tuple[str, ...]]] = {}
+
+
 @contextlib.contextmanager
 def owned_dir(target: str | os.PathLike, kind: str, dirs: tuple[str, ...] = (), say=None) -> Iterator[Path]:
     """A directory crate-edge fills over time (a training run): claimed for the whole block by
@@ -310,9 +319,12 @@ def owned_dir(target: str | os.PathLike, kind: str, dirs: tuple[str, ...] = (), 
             if _transient(p.name) and not p.name.endswith(".lock"):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
         _write_marker(target, kind, dirs)
+        key = str(target.resolve())
+        _OWNED[key] = (kind, dirs)
         try:
             yield target
         finally:
+            _OWNED.pop(key, None)
             if target.is_dir():
                 _write_marker(target, kind, dirs)
 
@@ -340,7 +352,11 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
+        owner = _OWNED.get(str(path.parent.resolve())) if path.name != MARKER else None
+        if owner is not None:
+            _write_marker(path.parent, *owner, also=(path.name,))
         os.replace(tmp, path)
+        _kill_point("after-write", path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -117,3 +117,17 @@ def test_kill_9_during_training_resumes_from_the_last_whole_checkpoint(tmp_path)
     assert [e["epoch"] for e in log] == [1, 2, 3]
     crate_edge.load_model(out / "model")
     assert foreign_files(out) == [] and debris(out, "resume") == [] and debris(tmp_path, "run") == []
+
+
+def test_a_fresh_run_killed_after_its_first_log_resumes(tmp_path):
+    # the first epoch's train_log.json is written while the marker still lists nothing: it must
+    # be listed before it appears, or the resumed run would call it foreign and refuse
+    recipe = tiny_recipe(tmp_path, epochs=2, limit=256)
+    out = tmp_path / "run"
+    r = run(_train_args(recipe, out), tmp_path, **{KILL_ENV: "after-write:train_log.json"})
+    assert r.returncode == -signal.SIGKILL and (out / "train_log.json").is_file()
+    assert foreign_files(out) == []
+    r = run(_train_args(recipe, out), tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "at epoch 1" in r.stderr
+    assert [e["epoch"] for e in json.loads((out / "train_log.json").read_text())["log"]] == [1, 2]
