@@ -4,6 +4,7 @@ device that has only one of these runtimes runs crate-edge artifacts through the
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -50,16 +51,33 @@ def ort_session(path: Path, threads: int | None = None, providers: list[str] | N
     return ort.InferenceSession(str(path), so, providers=[p for p in want if p in avail] or ["CPUExecutionProvider"])
 
 
+def _tvm_threads(tvm, threads: int | None) -> None:
+    """Size TVM's CPU thread pool. TVM caps it at TVM_NUM_THREADS (else OMP_NUM_THREADS, else
+    half the hardware threads, assuming SMT): on a 2-vCPU machine that is one thread, and
+    runtime.config_threadpool cannot go above the cap. So the cap is raised first (it is read
+    again on every reconfiguration); with no `threads` and no user setting, the pool takes every
+    CPU this process may run on. Workers are not pinned to cores (TVM_BIND_THREADS=0 unless set):
+    a pinned worker that shares its core with a busy process spins in sched_yield for minutes
+    when the pool shuts down at exit (measured on a 2-core machine with the other core busy)."""
+    n = int(threads) if threads else None
+    if n is None and not (os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS")):
+        n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if n is None:
+        return
+    os.environ["TVM_NUM_THREADS"] = str(n)
+    os.environ.setdefault("TVM_BIND_THREADS", "0")
+    f = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
+    if f is not None:
+        f(0, n)
+
+
 def tvm_vm_runner(lib_path: Path, device: str, threads: int | None = None):
     """numpy float32 NCHW -> [logits, ...] through the Relax VM (TVM runtime only), one call per
     batch (crate_edge.runtime.Runner fits batches to the artifact's batch range)."""
     import tvm
     from tvm.runtime import vm as rvm
 
-    if threads:
-        f = tvm.get_global_func("runtime.config_threadpool", allow_missing=True)
-        if f is not None:
-            f(0, int(threads))
+    _tvm_threads(tvm, threads)
     lib = tvm.runtime.load_module(str(lib_path))
     dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
     vm = rvm.VirtualMachine(lib, dev)

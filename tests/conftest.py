@@ -12,7 +12,9 @@ REF = SHARED / "reference"
 
 # pytest-xdist workers (./dev.sh test runs the suite in two) share the cores: one each then
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _WORKERS)))
+_THREADS = max(1, min(2, (os.cpu_count() or 1) // _WORKERS))
+torch.set_num_threads(_THREADS)
+os.environ.setdefault("TVM_NUM_THREADS", str(_THREADS))  # TVM's pool likewise (crate_edge.runtimes._tvm_threads)
 
 
 @pytest.fixture(scope="session")

@@ -55,6 +55,36 @@ def test_cpu_artifact_parity_and_dynamic_batch(ref, cpu_art):
         assert np.abs(got - _eager(ref, x)).max() <= 1e-4
 
 
+_COUNT_WORKERS = """
+import os, sys, numpy as np
+from crate_edge.runtime import load
+threads = int(sys.argv[2]) if len(sys.argv) > 2 else None
+before = len(os.listdir("/proc/self/task"))
+r = load(sys.argv[1], threads=threads)
+r(np.zeros((1, *r.manifest["input"]["shape"][1:]), np.float32))
+print(len(os.listdir("/proc/self/task")) - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task") or len(os.sched_getaffinity(0)) < 2, reason="needs Linux and 2 CPUs")
+def test_the_thread_pool_takes_the_threads_asked_for(cpu_art):
+    # TVM alone caps its pool at half the hardware threads (one on a 2-vCPU machine), and
+    # runtime.config_threadpool cannot lift the cap: threads=2 ran on one thread
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+
+    def workers(*args):
+        r = subprocess.run([sys.executable, "-c", _COUNT_WORKERS, str(cpu_art.path), *args], capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+        return int(r.stdout.split()[-1])
+
+    one, two = workers("1"), workers("2")
+    assert two == one + 1, (one, two)  # the pool's extra worker thread (the caller is worker 0)
+    assert workers() == len(os.sched_getaffinity(0)) - 1 + one  # default: every CPU it may use
+
+
 def test_bad_target_option(ref, tmp_path):
     p = tmp_path / "bad.toml"
     p.write_text('backend = "tvm"\nrewrites = ["fold_ista"]\n[options]\ntarget = "llvm -mcpu=znver3"\n')

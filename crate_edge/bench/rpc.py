@@ -47,7 +47,7 @@ class RPCRunner:
         lib = Path(art_dir) / "model.so"
         remote_name = f"crate_edge_{hashlib.sha256(str(lib.resolve()).encode()).hexdigest()[:12]}.so"
         self.remote.upload(str(lib), remote_name)
-        if threads:
+        if threads:  # capped by the server's own TVM_NUM_THREADS (crate_edge.runtimes._tvm_threads): start it with that set
             try:
                 self.remote.get_function("runtime.config_threadpool")(0, int(threads))
             except Exception:  # an old or minimal remote runtime: its default pool

@@ -27,7 +27,8 @@ Options (target.options):
   tune_trials  MetaSchedule trials on this machine (0: none; needs input.dynamic_batch = false)
   tuning_db    a MetaSchedule database directory to reuse (its records are copied into the
                artifact's tuning_db/, where new records are also written)
-  threads      runtime threads (default: TVM's, one per core)
+  threads      runtime threads (default: TVM_NUM_THREADS or OMP_NUM_THREADS if set, else every CPU
+               this process may use; TVM alone would take half the hardware threads)
 
 Modules: target (the TVM target from a target table), schedule (legalisation and the CPU schedule
 rules), quant (the int8 reduced-precision rewrite and its kernels), metaschedule (tuning and the
