@@ -67,13 +67,18 @@ def test_manifest_precision_and_quantization_block(model, art):
 
 def test_library_embeds_int8_weights_not_float_ones(model, art):
     """Bytes of the constants the library embeds, by dtype: every site weight as int8 (columns
-    padded to 16), and no float copy of them (which alone would be 4x the int8 bytes)."""
-    consts = art.manifest["backend"]["quantization"]["weight_constants"]
+    padded to the kernel's panel: 16 for AVX2, 16 * VNZ and k to a multiple of 4 for VNNI), and
+    no float copy of them (which alone would be 4x the int8 bytes)."""
+    from crate_edge.backends.tvm import quant
+
+    q = art.manifest["backend"]["quantization"]
+    consts = q["weight_constants"]
+    panel, kq = (16 * quant.VNZ, 4) if q["kernel_isa"] == "avx512vnni" else (16, 1)
     mod = apply(model, ["shift_patch_norm", "fold_ista_update"])
     want = 0
     for path in _sites(model).values():
         n, k = mod.get_submodule(path).weight.shape
-        want += -(-n // 16) * 16 * k
+        want += -(-n // panel) * panel * (-(-k // kq) * kq)
     assert consts["int8"] == want
     assert consts["float32"] < want  # LayerNorm, biases, scales, embeddings; the float site weights would be 4 * want
 
@@ -142,6 +147,52 @@ def test_int8_kernel_is_exact():
     p_neg, _, q_neg = tb.pack_int8_weight(-np.ones((n, k)))
     assert (q_neg == -127).all()
     assert (run(np.full((m, k), 127, np.int16), p_neg, np.ones(32, np.float32)) == -127 * 127 * k).all()
+
+
+def test_vnni_kernel_is_exact_and_chosen_by_the_cpu():
+    """The AVX-512 VNNI kernel against numpy: 13 rows (two 5-row tiles and a 3-row tail), 70
+    columns (two panels, the second padded), K = 30 (not a multiple of 4: the activation
+    quantizer pads with zero points); the +128 of the unsigned operand is undone exactly, at the
+    extremes too. The kernel is picked by the target's CPU level, not the build host."""
+    import tvm
+    from tvm import te
+
+    from crate_edge.backends import tvm as tb
+
+    assert tb.kernel_for(tb.make_target({"kind": "llvm"}, "x86-64-v3")) == "avx2"
+    assert tb.kernel_for(tb.make_target({"kind": "llvm"}, "x86-64-v4")) == "avx2"  # v4 does not include VNNI
+    tgt = tb.make_target({"kind": "llvm"}, "native")
+    if tb.kernel_for(tgt) != "avx512vnni":
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    m, k, n = 13, 30, 70
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((n, k))
+    packed, comp, sw, wq = tb.pack_int8_weight_vnni(w)
+    scale = 0.05
+    x = rng.uniform(-8, 8, size=(m, k)).astype(np.float32)  # some beyond 127 * scale: clipped
+    xa = te.placeholder((m, k), "float32", name="x")
+    quant = tvm.compile(te.create_prim_func([xa, tb.quant._quantize_act_u8(xa, scale)]), target=tgt)
+    kern = tvm.compile(tvm.IRModule({"main": tb._qgemm_vnni(k, n, "main")}), target=tgt)
+    dev = tvm.cpu()
+    au8 = tvm.runtime.tensor(np.zeros((m, 32), np.uint8), dev)
+    quant(tvm.runtime.tensor(x, dev), au8)
+    aq = np.clip(np.rint(x / np.float32(scale)), -127, 127).astype(np.int64)
+    np.testing.assert_array_equal(au8.numpy()[:, :k], aq + 128)
+    assert (au8.numpy()[:, k:] == 128).all()
+    npad = packed.shape[0] * 16 * tb.quant.VNZ
+    out = tvm.runtime.tensor(np.zeros((m, npad), np.float32), dev)
+
+    def run(a, wp, c, s):
+        kern(tvm.runtime.tensor(a, dev), tvm.runtime.tensor(wp, dev), tvm.runtime.tensor(c, dev), tvm.runtime.tensor(s, dev), out)
+        return out.numpy()[:, :n]
+
+    s = sw.astype(np.float32)
+    ref = (aq @ wq.astype(np.int64).T).astype(np.float32) * s[:n]
+    np.testing.assert_array_equal(run(au8.numpy(), packed, comp, s), ref)
+    p_neg, c_neg, _, q_neg = tb.pack_int8_weight_vnni(-np.ones((n, k)))
+    a_max = np.full((m, 32), 128, np.uint8)
+    a_max[:, :k] = 255  # +127
+    assert (run(a_max, p_neg, c_neg, np.ones(npad, np.float32)) == -127 * 127 * k).all()
 
 
 def test_unimplemented_schemes_and_targets_refuse(model, tmp_path):

@@ -14,7 +14,8 @@ this wheel's dlight CPU rules have no matmul. So the CPU build schedules every k
     row reductions (sums in a different order; no NaN/Inf assumptions).
 
 Reduced precision (target tvm-int8, [quantize] scheme = "int8", llvm with AVX2): the quantization
-policy's site GEMMs become hand-written int8 x int8 -> int32 kernels (vpmaddwd), see quant.py;
+policy's site GEMMs become hand-written int8 x int8 -> int32 kernels (AVX-512 VNNI vpdpbusd, or
+AVX2 vpmaddwd), see quant.py;
 the rest of the program is the fp32 build above.
 
 MetaSchedule tuning is optional on top (options tune_trials, tuning_db); its records only replace
@@ -40,13 +41,26 @@ from __future__ import annotations
 from .backend import CPU_TWIN, LIBRARY, TUNING_DB, TVMBackend, vm_runner
 from .lower import build, fused
 from .metaschedule import tune, winners
-from .quant import HANDWRITTEN, QMR, QRB, QUANT_SCHEMES, _qgemm_int8, pack_int8_weight, quantize_module
+from .quant import (
+    HANDWRITTEN,
+    KERNELS,
+    QMR,
+    QRB,
+    QUANT_SCHEMES,
+    _qgemm_int8,
+    _qgemm_vnni,
+    kernel_for,
+    pack_int8_weight,
+    pack_int8_weight_vnni,
+    quantize_module,
+)
 from .schedule import MR, NR, ROW_BLOCK, cpu_rules, legalize_map
 from .target import make_target
 
 __all__ = [
     "CPU_TWIN",
     "HANDWRITTEN",
+    "KERNELS",
     "LIBRARY",
     "MR",
     "NR",
@@ -57,12 +71,15 @@ __all__ = [
     "TUNING_DB",
     "TVMBackend",
     "_qgemm_int8",
+    "_qgemm_vnni",
+    "kernel_for",
     "build",
     "cpu_rules",
     "fused",
     "legalize_map",
     "make_target",
     "pack_int8_weight",
+    "pack_int8_weight_vnni",
     "quantize_module",
     "tune",
     "vm_runner",

@@ -3,8 +3,21 @@ matmul, dlight's GEMV, and row-by-row reductions for softmax and LayerNorm."""
 
 from __future__ import annotations
 
-MR, NR = 6, 16  # GEMM micro-kernel: MR rows x NR columns of accumulators (12 ymm registers)
+MR, NR = 6, 16  # GEMM micro-kernel: MR rows x NR columns of accumulators (AVX2: 12 ymm registers)
+# by the target CPU's widest vectors: AVX-512 has twice the lanes and twice the registers, and a
+# 6x16 tile there is 6 zmm accumulators, too few to cover the FMA latency. The tile must stay
+# under 1 KiB (TVM puts larger per-task buffers on the heap, out of registers), and NR a power
+# of two. CRATE-Tiny/16@224 fp32, batch 1, 2 threads, Zen 5 (AVX-512), ms: 6x16 15.2-16.3,
+# 6x32 12.4-13.0, 7x32 11.6-11.7, 8x32 11.6-12.2, 4x64 11.7-12.2, 10x32 13.1-16.5, 5x48 148.
+TILES = {"avx512f": (7, 32), "avx2": (MR, NR)}
 ROW_BLOCK = 16  # micro-kernels per parallel row block (96 rows)
+
+
+def gemm_tile(target) -> tuple[int, int]:
+    """(rows, columns) of the fp32 GEMM micro-kernel for this llvm target."""
+    from tvm.target import codegen
+
+    return next((t for f, t in TILES.items() if codegen.target_has_features(f, target)), (MR, NR))
 
 
 def _softmax_legalize(bb, call):
@@ -63,11 +76,11 @@ def cpu_rules():
             if red is None or get_index_map(sch.get(red[0])) is None:
                 return None
             try:
-                return self._schedule(sch, red[0], func)
+                return self._schedule(sch, red[0], func, *gemm_tile(target))
             except Exception:  # a matmul-like kernel this template does not fit stays as it was
                 return None
 
-        def _schedule(self, sch, main, func):
+        def _schedule(self, sch, main, func, MR, NR):
             a_re = sch.reindex(main, ("read", 0))
             b_re = sch.reindex(main, ("read", 1))
             rc = sch.reindex(main, ("write", 0))
