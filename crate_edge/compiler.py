@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from . import isa, rewrites
-from ._version import __version__
+from ._version import __version__, code_sha256
 from .backends import get_backend
 from .backends.base import PRECISION_KEYS
 from .checkpoint import load_model, model_hash
@@ -143,6 +143,7 @@ def compile(
             "version": 1,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "crate_edge": __version__,
+            "crate_edge_code": code_sha256(),
             "backend": {"name": be.name, "versions": be.versions(), **comp.info},
             "target": {"name": t.name, "file": Path(t.path).name, "sha256": t.sha256, "definition": t.raw},
             "source_model": {"sha256": model_hash(src), "config": cfg.to_dict()},
@@ -237,7 +238,9 @@ def compile_each(model, targets, root, prefix: str = "", reuse: bool = False, lo
                 art = load(d, reference_ok=True)  # as compile() returns it: a labelled stand-in where it cannot run here
                 m = art.manifest
                 same = (m["source_model"]["sha256"], m["target"]["sha256"], bool(m.get("probe"))) == (h, t.sha256, bool(kw.get("probe")))
-                if same and isa.fits_host(m):  # never code built for another CPU
+                # never code built for another CPU, by other crate-edge code or other backend libraries
+                built_here = m.get("crate_edge_code") == code_sha256() and m["backend"].get("versions") == get_backend(t.backend).versions()
+                if same and built_here and isa.fits_host(m):
                     arts[t.name] = art
                     say(f"[{t.name}] reusing {d}")
                     continue

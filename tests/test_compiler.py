@@ -239,6 +239,11 @@ def test_compile_each_skips_with_reasons_and_reuses(micro, tmp_path, monkeypatch
     stamp = (arts["onnxruntime"].path / MANIFEST).stat().st_mtime_ns
     again, _ = compile_each(micro, ["onnxruntime"], tmp_path / "a", prefix="m-", reuse=True, log=said.append)
     assert (again["onnxruntime"].path / MANIFEST).stat().st_mtime_ns == stamp and said[-1].startswith("[onnxruntime] reusing")
+    # built by other crate-edge code (an upgrade, an edited backend): compiled again
+    monkeypatch.setattr("crate_edge.compiler.code_sha256", lambda: "0" * 64)
+    compile_each(micro, ["onnxruntime"], tmp_path / "a", prefix="m-", reuse=True, parity_limit=50, log=said.append)
+    assert said[-1].startswith("[onnxruntime] compiled")
+    monkeypatch.undo()
     torch.manual_seed(1)
     other = create_model("mnist-micro").eval()  # another model: the stored artifact is not reused
     compile_each(other, ["onnxruntime"], tmp_path / "a", prefix="m-", reuse=True, parity_limit=50, log=said.append)
