@@ -28,15 +28,23 @@ from crate_edge.family import title  # noqa: E402
 from crate_edge.whitebox import measure  # noqa: E402
 
 
-def _train_log(path: str) -> dict | None:
-    """Epochs, seconds and last validation top-1 of the model's training run, if its log is known:
-    the embedded model's is in recipes/, a `crate-edge train` run's beside its model directory."""
-    p = ROOT / "recipes" / "fmnist-reference.train_log.json" if path == "embedded" else Path(path).parent / "train_log.json"
+def _train_log(path: str, recipe: str | None = None) -> dict | None:
+    """Epochs, seconds and validation top-1 per epoch of the model's training run, if its log is
+    known: a `crate-edge train` run's beside its model directory, else recipes/RECIPE.train_log.json
+    (the embedded model's is recipes/fmnist-reference.train_log.json)."""
+    p = Path(path).parent / "train_log.json" if path != "embedded" else None
+    if p is None or not p.exists():
+        p = ROOT / "recipes" / f"{'fmnist-reference' if path == 'embedded' else recipe}.train_log.json"
     if not p.exists():
         return None
     d = json.loads(p.read_text())
     log = d["log"] if isinstance(d, dict) else d
-    return {"epochs": len(log), "seconds": sum(e.get("seconds", 0) for e in log), "val_top1": log[-1].get("val_top1")}
+    return {
+        "epochs": len(log),
+        "seconds": sum(e.get("seconds", 0) for e in log),
+        "val_top1": log[-1].get("val_top1"),
+        "curve": [[e["epoch"], e["val_top1"]] for e in log if e.get("val_top1") is not None],
+    }
 
 
 def main(argv=None):
@@ -55,13 +63,14 @@ def main(argv=None):
         ev = crate_edge.evaluate(m, a.data, progress=True)
         x, _ = open_inputs("embedded", m.cfg, "test").first(a.whitebox_images).tensors()
         wb = measure(m, x)
+        recipe = None if path == "embedded" else json.loads((Path(path) / "config.json").read_text()).get("metadata", {}).get("recipe")
         rows[key] = {
-            "model": str(path),
+            "model": "embedded" if path == "embedded" else (f"recipe {recipe}" if recipe else str(path)),
             "family": title(m.cfg),
             "config": m.cfg.to_dict(),
             "parameters": sum(p.numel() for p in m.parameters()),
             "eval": ev,
-            "train": _train_log(path),
+            "train": _train_log(path, recipe),
             "whitebox": wb.to_dict(),
         }
         print(f"{key}: {title(m.cfg)} top-1 {100 * ev['top1']:.2f}%", file=sys.stderr)
@@ -85,18 +94,24 @@ def plot(rows: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for (key, r), style in zip(rows.items(), ("-o", "-s")):
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
+    for (key, r), style, color in zip(rows.items(), ("-o", "-s"), ("C0", "C1")):  # one colour per model in every panel
         wb = r["whitebox"]
         layers = np.arange(1, len(wb["coding_rate_mean"]) + 1)
         label = f"{r['family']} ({r['parameters']:,} params, top-1 {100 * r['eval']['top1']:.2f}%)"
-        axes[0].errorbar(layers, wb["coding_rate_mean"], yerr=wb["coding_rate_std"], fmt=style, capsize=3, label=label)
-        axes[1].errorbar(layers, 1 - np.array(wb["zero_fraction_mean"]), yerr=wb["zero_fraction_std"], fmt=style, capsize=3, label=label)
+        axes[0].errorbar(layers, wb["coding_rate_mean"], yerr=wb["coding_rate_std"], fmt=style, color=color, capsize=3, label=label)
+        axes[1].errorbar(
+            layers, 1 - np.array(wb["zero_fraction_mean"]), yerr=wb["zero_fraction_std"], fmt=style, color=color, capsize=3, label=label
+        )
         if "residual_mean" in wb:
-            axes[2].errorbar(layers, wb["residual_mean"], yerr=wb["residual_std"], fmt=style, capsize=3, label=label)
+            axes[2].errorbar(layers, wb["residual_mean"], yerr=wb["residual_std"], fmt=style, color=color, capsize=3, label=label)
+        if r["train"] and r["train"]["curve"]:
+            ep, top1 = zip(*r["train"]["curve"])
+            axes[3].plot(ep, 100 * np.array(top1), style, color=color, ms=3, label=label)
     axes[0].set(xlabel="layer", ylabel="coding rate $R^c$ of $U^T$LN($Z^l$)", title="compression (MSSA)")
     axes[1].set(xlabel="layer", ylabel="non-zero fraction", title="sparsity of the code (CRATE: $Z^{l+1}$, CRATE-α: $z_2$)")
     axes[2].set(xlabel="layer", ylabel="$\\|x - D z_2\\| / \\|x\\|$", title="CRATE-α: reconstruction residual of $z_2$")
+    axes[3].set(xlabel="epoch", ylabel="validation top-1 (%)", title="training, same recipe and budget")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
