@@ -284,6 +284,12 @@ def targets():
     help="Also output per-layer MSSA features and ISTA outputs (CRATE-α: codes z2 and residuals), and report per-layer parity.",
 )
 @click.option(
+    "--layers/--no-layers",
+    default=None,
+    help="Per-layer parity of a plain build through its probe twin (compiled in a scratch directory, then removed). "
+    "Default: on for reduced-precision targets.",
+)
+@click.option(
     "--parity-data",
     default="embedded",
     show_default=True,
@@ -293,13 +299,18 @@ def targets():
 @_calibration_options
 @click.option("--keep-failed", is_flag=True, help="Keep the artifact even when parity fails (the command still exits non-zero).")
 @_model_options
-def compile_cmd(target, model, out, probe, parity_data, calibration_data, calibration_images, keep_failed, heads, pool):
-    """Compile MODEL for TARGET into an artifact directory, with a parity check (per layer too
-    with --probe: ISTA support IoU, coding rate, and for CRATE-α the residual of z2).
+def compile_cmd(target, model, out, probe, layers, parity_data, calibration_data, calibration_images, keep_failed, heads, pool):
+    """Compile MODEL for TARGET into an artifact directory, with a parity check, per layer too
+    (ISTA support IoU, coding rate, and for CRATE-α the residual of z2): from the artifact itself
+    with --probe, else, for reduced-precision targets or with --layers, from its probe twin.
 
     Python: crate_edge.compile(model, target, out=..., calibration_data=..., parity_data=...),
-    then crate_edge.parity.parity(artifact, reference=model, data=...) for the per-layer table"""
+    then crate_edge.parity.parity(artifact, reference=model, data=...) for a probe build, or
+    crate_edge.compiler.layer_parity(model, target, artifact, ...) for a plain one"""
     from .compiler import compile as run
+    from .compiler import layer_parity
+    from .quantize import QuantConfig
+    from .targets import load_target
 
     m = _load(model, heads, pool)
     art = run(
@@ -319,6 +330,16 @@ def compile_cmd(target, model, out, probe, parity_data, calibration_data, calibr
 
         rep = parity([art], reference=m, data=parity_data, progress=False)
         click.echo(rep.table())
+        passed = passed and rep.passed
+    elif layers or (layers is None and QuantConfig.from_target(load_target(target)) is not None):
+        rep, diff = layer_parity(
+            m, target, art, parity_data=parity_data, calibration_data=calibration_data, calibration_images=calibration_images
+        )
+        click.echo(rep.table())
+        click.echo(
+            f"per layer: measured on the artifact's probe twin (the same target and calibration, with per-layer outputs); "
+            f"its logits differ from the artifact's by at most {diff:.2e}"
+        )
         passed = passed and rep.passed
     click.echo(
         f"{art.path}: {art.target} artifact, parity {'passed' if passed else 'FAILED'}"

@@ -159,9 +159,11 @@ def test_quantization_sites_cover_every_alpha_gemm():
     assert not any(s.endswith("ista.enc") for s in quant_sites(r, qc.replace(sites=["embed", "qkv", "out", "head"])))
 
 
-def test_compile_int8_with_user_data_reports_code_iou_and_residual(tmp_path):
-    """The issue's command: an imported CRATE-α, onnxruntime-int8, the user's own calibration and
-    parity data; --probe for the per-layer table (z2 support IoU and residual per layer)."""
+@pytest.mark.parametrize("probe", [True, False], ids=["probe-build", "plain-build"])
+def test_compile_int8_with_user_data_reports_code_iou_and_residual(tmp_path, probe):
+    """An imported CRATE-α, onnxruntime-int8, the user's own calibration and parity data: the
+    per-layer table (z2 support IoU and residual per layer) from a --probe build, or, for the
+    plain build, from its probe twin, which leaves nothing behind."""
     pytest.importorskip("onnxruntime")
     crate_edge.import_checkpoint(FIX / "rect-40x24-p8.pth", tmp_path / "model", heads=3, image_size=(40, 24))
     from crate_edge.data import load_dataset
@@ -173,7 +175,8 @@ def test_compile_int8_with_user_data_reports_code_iou_and_residual(tmp_path):
         [
             *(sys.executable, "-m", "crate_edge.cli", "compile", "--target", "onnxruntime-int8"),
             *("--model", str(tmp_path / "model"), "--calibration-data", str(tmp_path / "mine.npz")),
-            *("--calibration-images", "64", "--parity-data", str(tmp_path / "mine.npz"), "--probe", "-o", str(tmp_path / "art")),
+            *("--calibration-images", "64", "--parity-data", str(tmp_path / "mine.npz"), "-o", str(tmp_path / "art")),
+            *(["--probe"] if probe else []),
         ],
         capture_output=True,
         text=True,
@@ -186,6 +189,13 @@ def test_compile_int8_with_user_data_reports_code_iou_and_residual(tmp_path):
         assert float(row[4]) > 0.9  # support IoU of z2 under int8
         assert abs(float(row[11]) - float(row[12])) < 0.02  # residual, reference vs artifact
     m = json.loads((tmp_path / "art" / "manifest.json").read_text())
+    assert m["quantization"]["calibration"]["spec"].endswith("mine.npz")
+    if not probe:
+        assert m["outputs"] == ["logits"] and "measured on the artifact's probe twin" in r.stdout
+        diff = float(r.stdout.split("differ from the artifact's by at most ")[1].split()[0])
+        assert diff < 1e-3  # the twin computes what the artifact computes
+        assert sorted(q.name for q in tmp_path.iterdir()) == ["art", "mine.npz", "model"]  # the twin is gone
+        return
     assert m["outputs"][1:4] == ["mssa_features_0", "mssa_features_1", "ista_code_0"]
     assert m["outputs"][-1] == "ista_residual_1" and "1.ista.res" in m["quantization"]["sites"]
     assert m["quantization"]["calibration"]["spec"].endswith("mine.npz")
