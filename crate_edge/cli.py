@@ -306,9 +306,9 @@ def compile_cmd(target, model, out, probe, layers, parity_data, calibration_data
 
     Python: crate_edge.compile(model, target, out=..., calibration_data=..., parity_data=...),
     then crate_edge.parity.parity(artifact, reference=model, data=...) for a probe build, or
-    crate_edge.compiler.layer_parity(model, target, artifact, ...) for a plain one"""
+    crate_edge.parity.layer_parity(model, target, artifact, ...) for a plain one"""
     from .compiler import compile as run
-    from .compiler import layer_parity
+    from .parity import layer_parity
     from .quantize import QuantConfig
     from .targets import load_target
 

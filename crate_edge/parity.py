@@ -872,3 +872,52 @@ def parity(
     return ParityReport(
         reference=refinfo, data=ds.spec, n=int(len(ref)), seconds=time.perf_counter() - t0, results=results, data_record=ds.record()
     )
+
+
+def layer_parity(
+    model,
+    target,
+    artifact,
+    parity_data: str = "embedded",
+    calibration_data=None,
+    calibration_images: int | None = None,
+    log=None,
+):
+    """Per-layer parity (ISTA support IoU, coding rate, CRATE-α's residual of z2) of a plain
+    artifact, which has no per-layer outputs: the same model and target are compiled again as a
+    probe build, its twin (same rewrites, calibration data and images), in a scratch directory
+    beside the artifact; the twin is checked layer by layer against the eager model and removed.
+    A probe build's extra outputs can change how a backend fuses or quantizes, so the twin's
+    logits are compared with the artifact's on the same images. Returns (the twin's
+    crate_edge.parity.ParityReport, max |twin logits - artifact logits|)."""
+    import shutil
+
+    from .compiler import ParityError, compile, parity_images
+    from .outputs import work_dir
+    from .runtime import load
+
+    say = log or (lambda s: print(s, file=sys.stderr))
+    src = model if isinstance(model, torch.nn.Module) else load_model(model)
+    scratch = work_dir(artifact.path, "probe-twin")
+    try:
+        say(f"[{artifact.target}] per-layer parity: compiling its probe twin")
+        try:
+            twin = compile(
+                src,
+                target,
+                out=scratch / f"{artifact.path.name}-probe-twin",
+                probe=True,
+                parity_data=parity_data,
+                keep_failed=True,
+                log=lambda s: None,
+                calibration_data=calibration_data,
+                calibration_images=calibration_images,
+            )
+        except ParityError:  # its logits beyond the budget: kept, and the per-layer table says where
+            twin = load(scratch / f"{artifact.path.name}-probe-twin", reference_ok=True)
+        x = parity_images(src.cfg, parity_data)[0].numpy()
+        diff = float(np.abs(twin(x) - artifact(x)).max())
+        rep = parity([twin], reference=src, data=parity_data, progress=False)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return rep, diff

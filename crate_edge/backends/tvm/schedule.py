@@ -125,7 +125,12 @@ def cpu_rules():
             sch.vectorize(ji)
             sch.decompose_reduction(main, k)
             for b in (acc, wb):
-                _try(sch.vectorize, sch.get_loops(b)[-1])
+                last = sch.get_loops(b)[-1]
+                # only a constant extent: when MR divides the rows' static factor (7 and a 7x7 patch
+                # grid's batch * 49 rows), the write-back's last loop can be the row tail, whose
+                # extent depends on the batch, and TVM cannot vectorise that on a fixed-width CPU
+                if isinstance(get_extent(sch, last), int):
+                    _try(sch.vectorize, last)
             return sch
 
     class RowReduction(dl.cpu.Reduction):
