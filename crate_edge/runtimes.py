@@ -30,10 +30,12 @@ def provider_gap(providers: list[str] | None) -> str | None:
     return f"onnxruntime here has none of {', '.join(providers)} (available: {', '.join(avail)}; install onnxruntime-gpu)"
 
 
-def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None):
+def ort_session(path: Path, threads: int | None = None, providers: list[str] | None = None, disabled_optimizers: list[str] | None = None):
     """An ONNX Runtime session on the first available of `providers` (default: CUDA where
     present, else CPU). A list without the CPU provider is strict: none of it available is an
-    error, and no node may fall back to the CPU (a "CUDA" number must be a CUDA number)."""
+    error, and no node may fall back to the CPU (a "CUDA" number must be a CUDA number).
+    `disabled_optimizers`: ONNX Runtime graph transformers not to run (by name, e.g.
+    "SkipLayerNormFusion"; a target's options.disabled_optimizers)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -48,7 +50,10 @@ def ort_session(path: Path, threads: int | None = None, providers: list[str] | N
     if "CPUExecutionProvider" not in want:
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     avail = ort.get_available_providers()
-    return ort.InferenceSession(str(path), so, providers=[p for p in want if p in avail] or ["CPUExecutionProvider"])
+    use = [p for p in want if p in avail] or ["CPUExecutionProvider"]
+    if disabled_optimizers:
+        return ort.InferenceSession(str(path), so, providers=use, disabled_optimizers=list(disabled_optimizers))
+    return ort.InferenceSession(str(path), so, providers=use)
 
 
 def _tvm_threads(tvm, threads: int | None) -> None:
@@ -102,7 +107,7 @@ def _options(manifest: dict) -> dict:
 def onnxruntime_runner(art_dir: Path, manifest: dict, threads: int | None = None):
     """(run, detail): an ONNX Runtime session on the artifact's model.onnx with the target's providers."""
     opts = _options(manifest)
-    sess = ort_session(Path(art_dir) / ONNX_FILE, threads or opts.get("threads"), opts.get("providers"))
+    sess = ort_session(Path(art_dir) / ONNX_FILE, threads or opts.get("threads"), opts.get("providers"), opts.get("disabled_optimizers"))
     return _ort_run(sess), sess.get_providers()[0]
 
 

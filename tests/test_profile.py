@@ -91,6 +91,10 @@ def test_profile_attributes_blocks_and_kinds(small, name, tmp_path):
         assert rep.kinds()["quant"] == 0 and rep.engines()["int8"] == 0
     if name == "executorch":
         assert rep.engines()["delegate"] > 0 and any("microseconds" in n for n in rep.notes)
+    if name.startswith("onnxruntime"):  # the session the runner and the profiler open honours options.disabled_optimizers
+        ops = {k.op for k in rep.kernels}
+        assert "LayerNormalization" in ops or "SkipLayerNormalization" in ops
+        assert ("SkipLayerNormalization" in ops) == (name == "onnxruntime"), sorted(ops)
     # fidelity of a probe build, per block
     fid = rep.block_fidelity()
     floor = 0.9 if name.endswith("int8") else 0.999

@@ -63,7 +63,8 @@ def _profile_onnxruntime(path: Path, m: dict, x: np.ndarray, iters: int, warmup:
 
     opts = m["target"]["definition"].get("options", {})
     model_file = path / ONNX_FILE
-    base = ort_session(model_file, threads, opts.get("providers"))  # the project's options, unchanged
+    dis = opts.get("disabled_optimizers")
+    base = ort_session(model_file, threads, opts.get("providers"), dis)  # the project's options, unchanged
     so = base.get_session_options()
     providers, popts = base.get_providers(), base.get_provider_options()
     del base
@@ -72,7 +73,10 @@ def _profile_onnxruntime(path: Path, m: dict, x: np.ndarray, iters: int, warmup:
         so.profile_file_prefix = str(Path(td) / "ort")
         so.optimized_model_filepath = str(Path(td) / "optimized.onnx")
         so.log_severity_level = 3  # the dump's "hardware specific optimizations" warning: this is that hardware
-        sess = ort.InferenceSession(str(model_file), so, providers=providers, provider_options=[popts.get(p, {}) for p in providers])
+        extra = {"disabled_optimizers": list(dis)} if dis else {}
+        sess = ort.InferenceSession(
+            str(model_file), so, providers=providers, provider_options=[popts.get(p, {}) for p in providers], **extra
+        )
         feed = {sess.get_inputs()[0].name: x}
         for _ in range(warmup):
             sess.run(None, feed)
