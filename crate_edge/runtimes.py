@@ -51,9 +51,7 @@ def ort_session(path: Path, threads: int | None = None, providers: list[str] | N
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     avail = ort.get_available_providers()
     use = [p for p in want if p in avail] or ["CPUExecutionProvider"]
-    if disabled_optimizers:
-        return ort.InferenceSession(str(path), so, providers=use, disabled_optimizers=list(disabled_optimizers))
-    return ort.InferenceSession(str(path), so, providers=use)
+    return ort.InferenceSession(str(path), so, providers=use, disabled_optimizers=list(disabled_optimizers or []) or None)
 
 
 def _tvm_threads(tvm, threads: int | None) -> None:

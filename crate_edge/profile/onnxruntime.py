@@ -73,9 +73,12 @@ def _profile_onnxruntime(path: Path, m: dict, x: np.ndarray, iters: int, warmup:
         so.profile_file_prefix = str(Path(td) / "ort")
         so.optimized_model_filepath = str(Path(td) / "optimized.onnx")
         so.log_severity_level = 3  # the dump's "hardware specific optimizations" warning: this is that hardware
-        extra = {"disabled_optimizers": list(dis)} if dis else {}
         sess = ort.InferenceSession(
-            str(model_file), so, providers=providers, provider_options=[popts.get(p, {}) for p in providers], **extra
+            str(model_file),
+            so,
+            providers=providers,
+            provider_options=[popts.get(p, {}) for p in providers],
+            disabled_optimizers=dis or None,
         )
         feed = {sess.get_inputs()[0].name: x}
         for _ in range(warmup):
