@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CrateEdgeError
-from .report import Kernel
+from .report import Kernel, float_kernel_class
 
 _XNN_INT8 = re.compile(r"\b(QS8|QD8|QC8|QU8|QP8|QC4|QB4)\b")
 
@@ -48,14 +48,8 @@ def _xnnpack_class(name: str) -> tuple[str, str]:
 def _portable_class(op: str) -> tuple[str, str]:
     """(class, engine) of an ExecuTorch portable kernel (native_call_<op>.<overload>)."""
     s = op.split(".")[0].lower()
-    if "quantize" in s or "choose_qparams" in s:
-        return "quant", "quant"
-    if "layer_norm" in s:
-        return "layernorm", "float"
-    if "softmax" in s:
-        return "softmax", "float"
-    if "attention" in s:
-        return "attention", "float"
+    if c := float_kernel_class(s):
+        return c
     if s in ("mm", "bmm", "addmm", "linear", "convolution", "matmul"):
         return "gemm", "float"
     if re.sub(r"_copy$", "", s) in ("view", "permute", "select", "slice", "expand", "cat", "unsqueeze", "squeeze", "clone", "transpose"):

@@ -293,6 +293,18 @@ class ProfileReport:
         return Path(out_dir)
 
 
+def float_kernel_class(name: str) -> tuple[str, str] | None:
+    """(class, engine) that a runtime's own (non-delegated) kernel name says by a keyword,
+    lower-cased name in: quant, layernorm, softmax, attention; None when no keyword is in it
+    (each runtime then applies its own naming rules)."""
+    if "quantize" in name or "choose_qparams" in name:
+        return "quant", "quant"
+    for kw, cls in (("layer_norm", "layernorm"), ("layernorm", "layernorm"), ("softmax", "softmax"), ("attention", "attention")):
+        if kw in name:
+            return cls, "float"
+    return None
+
+
 def _fmt(v, spec: str) -> str:
     return "-" if v is None else "inf" if v == math.inf else format(v, spec)
 

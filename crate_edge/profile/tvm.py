@@ -20,7 +20,7 @@ import numpy as np
 
 from ..errors import CrateEdgeError
 from ..runtimes import TVM_LIBRARY
-from .report import Kernel
+from .report import Kernel, float_kernel_class
 
 _LAYOUT_TOKENS = frozenset(
     "reshape transpose permute concatenate concat cat strided slice take gather broadcast to squeeze unsqueeze expand dims copy split view select pad flatten layout transform".split()
@@ -32,14 +32,8 @@ def _tvm_class(sym: str) -> tuple[str, str]:
     s = sym.lower()
     if "qgemm" in s:
         return "gemm", "int8"
-    if "quantize" in s or "dequantize" in s:
-        return "quant", "quant"
-    if "layer_norm" in s or "layernorm" in s:
-        return "layernorm", "float"
-    if "softmax" in s:
-        return "softmax", "float"
-    if "attention" in s:
-        return "attention", "float"
+    if c := float_kernel_class(s):  # "dequantize" contains "quantize"
+        return c
     if re.search(r"matmul|dense|gemm|conv", s):
         return "gemm", "float"
     tokens = [re.sub(r"\d+$", "", t) for t in s.split("_")]
