@@ -37,7 +37,8 @@ def _tvm_class(sym: str) -> tuple[str, str]:
     if re.search(r"matmul|dense|gemm|conv", s):
         return "gemm", "float"
     tokens = [re.sub(r"\d+$", "", t) for t in s.split("_")]
-    tokens = [t for t in tokens if t and t not in ("fused", "prepacked")]
+    # one-letter tokens are shape tags (permute_pad_n197_h6_d64: the attention's packed keys)
+    tokens = [t for t in tokens if len(t) > 1 and t not in ("fused", "prepacked")]
     if tokens and all(t in _LAYOUT_TOKENS for t in tokens):
         return "layout", "float"
     return "elementwise", "float"

@@ -11,6 +11,7 @@ from pathlib import Path
 from ...errors import BackendUnavailable, CrateEdgeError
 from ...runtimes import TVM_LIBRARY, tvm_vm_runner
 from ..base import Availability, Backend, Capabilities, Compiled, device_of, precision_map
+from .attention import fuse_attention
 from .lower import _batch_var, _import, _op_inventory, build, fused
 from .metaschedule import tune
 from .quant import quantize_module
@@ -20,6 +21,10 @@ from .target import _say, make_target
 LIBRARY = TVM_LIBRARY
 CPU_TWIN = "model_cpu_reference.so"  # cuda builds on a GPU-less host: the same Relax module for llvm
 TUNING_DB = "tuning_db"
+ATTENTION = {  # options.attention: how MSSA's attention is lowered on a CPU (llvm) target
+    "fused": "one hand-written kernel per head and row tile: scores, softmax, product with V (attention.py)",
+    "matmul": "the imported matmul -> softmax -> matmul, each product through the GEMM schedule",
+}
 
 
 def _has_gpu() -> bool:
@@ -70,6 +75,9 @@ class TVMBackend(Backend):
             raise CrateEdgeError("tvm: tune_trials on a cuda target needs that GPU to measure on; tune on the GPU host and pass tuning_db")
         if quant is not None and (trials or reuse is not None):
             raise CrateEdgeError("tvm: tune_trials and tuning_db are not supported with [quantize] (the int8 kernels are hand-scheduled)")
+        attention = str(opts.get("attention", "fused"))
+        if attention not in ATTENTION:
+            raise CrateEdgeError(f"tvm: options.attention = {attention!r}; known: {', '.join(ATTENTION)}")
         if trials and target.dynamic_batch is not None:
             raise CrateEdgeError("tvm: tune_trials needs a static batch (input.dynamic_batch = false): MetaSchedule tunes concrete shapes")
 
@@ -82,6 +90,8 @@ class TVMBackend(Backend):
         batch = _batch_var(mod)
         pinned = None
         info = {"device": device, "target": str(tgt), "import": how, "relax_ops": _op_inventory(mod)}
+        if device == "cpu" and attention == "fused":
+            mod, info["attention"] = fuse_attention(mod, tgt)
         sites = {}
         if quant is not None:
             _say(f"int8: calibrating {len(quant.sites)} sites on {len(quant.calibration)} images, rewriting their GEMMs")

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from ...errors import CrateEdgeError
 from .metaschedule import winners
-from .quant import HANDWRITTEN
-from .schedule import cpu_rules, legalize_map
+from .schedule import HANDWRITTEN, cpu_rules, legalize_map
 
 
 def _import(ep):

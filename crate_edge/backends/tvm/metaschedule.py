@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ...errors import CrateEdgeError
-from .schedule import cpu_rules
+from .schedule import HANDWRITTEN, cpu_rules
 from .target import _say
 
 
@@ -77,6 +77,10 @@ def _measure(sch, target) -> list[float] | None:
         return None
 
 
+def _handwritten(mod) -> bool:
+    return any(f.attrs is not None and HANDWRITTEN in f.attrs for _, f in mod.functions_items())
+
+
 def tune(mod, target, trials: int, db_dir: Path, reuse: Path | None, rules) -> dict:
     """MetaSchedule over the fused module's kernels, records in db_dir (a JSON database).
 
@@ -94,7 +98,8 @@ def tune(mod, target, trials: int, db_dir: Path, reuse: Path | None, rules) -> d
             shutil.copyfile(reuse / f, db_dir / f)
     db = ms.database.JSONDatabase(work_dir=str(db_dir))
     mst = _ms_target(target)
-    tasks = ms.relax_integration.extract_tasks(mod, mst)
+    # hand-written kernels (int8 GEMMs, the fused attention) are scheduled already
+    tasks = [t for t in ms.relax_integration.extract_tasks(mod, mst) if not _handwritten(t.dispatched[0])]
     todo = [t for t in tasks if not db.has_workload(t.dispatched[0])]
     summary = {"tasks": len(tasks), "reused": len(tasks) - len(todo), "trials": trials, "tuned": 0}
     if trials > 0 and todo:

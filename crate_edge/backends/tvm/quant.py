@@ -7,6 +7,7 @@ import numpy as np
 
 from ...calibration import calibrate
 from ...errors import CrateEdgeError
+from .schedule import HANDWRITTEN
 
 # [quantize] scheme = "int8" on the llvm target: the plan's site GEMMs (crate_edge.quantize
 # policy) become int8 x int8 -> int32 GEMMs; everything else stays in the fp32 pipeline (lower.py).
@@ -43,7 +44,6 @@ def kernel_for(target) -> str:
 
 
 QMR, QRB = 6, 16  # int8 micro-kernel rows, micro-kernels per parallel row block
-HANDWRITTEN = "crate_edge.handwritten"  # PrimFunc attribute: a kernel written as loops, not blocks
 
 
 def _qgemm_int8(K: int, N: int, name: str):

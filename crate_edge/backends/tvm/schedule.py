@@ -11,6 +11,7 @@ MR, NR = 6, 16  # GEMM micro-kernel: MR rows x NR columns of accumulators (AVX2:
 # 6x32 12.4-13.0, 7x32 11.6-11.7, 8x32 11.6-12.2, 4x64 11.7-12.2, 10x32 13.1-16.5, 5x48 148.
 TILES = {"avx512f": (7, 32), "avx2": (MR, NR)}
 ROW_BLOCK = 16  # micro-kernels per parallel row block (96 rows)
+HANDWRITTEN = "crate_edge.handwritten"  # PrimFunc attribute: a kernel written as loops, not blocks
 
 
 def gemm_tile(target) -> tuple[int, int]:

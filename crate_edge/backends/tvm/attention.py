@@ -1,0 +1,264 @@
+"""MSSA's attention as one hand-written CPU kernel (llvm targets): softmax(w wᵀ · s) w per head,
+read from and written to the token-major [B, N, H, D] layout the projections use.
+
+The imported program computes it as permute -> permute -> matmul -> multiply -> softmax ->
+matmul -> permute, six kernels and three copies per layer, each product through the generic
+GEMM schedule: on CRATE-Tiny (197 tokens, 6 heads x 64) the wwᵀ product ran at 118 GFLOP/s and
+the whole attention took 0.43 ms per layer on two Zen 5 cores, half of tvm-int8's time. Here one
+kernel per row tile of one head computes the scores tile (Kᵀ packed once per head by a small
+kernel, as the GEMM schedule packs its B operand), the softmax on that tile while it is in L1,
+and its product with V. q = k = v is what lets one input serve all three.
+"""
+
+from __future__ import annotations
+
+from .schedule import HANDWRITTEN, gemm_tile
+
+ATT_RB = 4  # micro tiles per parallel task (28 rows with 7-row tiles: 8 tasks per head at 197 tokens)
+NEG = -3.0e38  # scores of the padding columns: exp gives exactly 0 (fast_exp clamps, 2^-127 -> 0)
+
+
+def vector_lanes(target) -> int:
+    """fp32 lanes of the target's widest vectors."""
+    from tvm.target import codegen
+
+    return 16 if codegen.target_has_features("avx512f", target) else 8
+
+
+def _fast_exp(v, VL: int):
+    """topi.fast_exp on a float32xVL vector (the softmax legalisation's exp): clamp, 2^n by the
+    exponent bits, a degree-7 polynomial for the rest (relative error ~1e-7); exactly 0 below -88.38."""
+    from tvm import tirx
+
+    f32 = f"float32x{VL}"
+    c = lambda x: tirx.Broadcast(tirx.const(x, "float32"), VL)  # noqa: E731
+    x = tirx.max(tirx.min(v, c(88.3762626647950)), c(-88.3762626647949))
+    n = tirx.floor(x * c(1.44269504088896341) + c(0.5))
+    f = x - n * c(0.6931471805599453)
+    p = c(1.9875691500e-4)
+    for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = p * f + c(k)
+    y = p * f * f + f + c(1.0)
+    bits = tirx.shift_left(tirx.Cast(f"int32x{VL}", n + c(127.0)), tirx.Broadcast(tirx.const(23, "int32"), VL))
+    return tirx.call_intrin(f32, "tirx.reinterpret", bits) * y
+
+
+def pack_keys(N: int, H: int, D: int, NR: int, name: str):
+    """TIR: X [B, N, H, D] -> KT [B, H, NP, D, NR], each head's keys transposed into panels of
+    NR tokens (zero past N): the scores micro-kernel reads NR contiguous keys per d."""
+    from tvm.script import tirx as T
+
+    NP = (N + NR - 1) // NR
+
+    @T.prim_func(s_tir=True)
+    def pack(x: T.handle, kt: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "global_symbol": name, HANDWRITTEN: True})
+        b = T.int64()
+        X = T.match_buffer(x, (b, N, H, D), "float32")
+        KT = T.match_buffer(kt, (b, H, NP, D, NR), "float32")
+        with T.sblock("root"):
+            with T.sblock("pack"):
+                T.reads(X[0:b, 0:N, 0:H, 0:D])
+                T.writes(KT[0:b, 0:H, 0:NP, 0:D, 0:NR])
+                for t in T.parallel(b * H * NP):
+                    for j in range(NR):
+                        for d in range(D):
+                            n = t % NP * NR + j
+                            KT[t // (H * NP), t // NP % H, t % NP, d, j] = T.if_then_else(
+                                n < N, X[t // (H * NP), T.min(n, N - 1), t // NP % H, d], T.float32(0)
+                            )
+
+    return pack
+
+
+def mssa_attention(N: int, H: int, D: int, scale: float, name: str, MR: int, NR: int, VL: int, NV: int, VV: int):
+    """TIR: O[b, :, h, :] = softmax(X_h X_hᵀ * scale) X_h, X_h = X[b, :, h, :] ([B, N, H, D]).
+    Tasks: (batch, head, block of ATT_RB tiles of MR rows); per tile the scores (MR x NPAD, in a
+    per-task buffer), each row's softmax (max, exp, sum; 1/sum applied to the output), then the
+    product with V in panels of NV columns (vectors of VV lanes, VL for the scores). Accumulators (MR x NR and MR x NV floats) stay under
+    1 KiB, so LLVM keeps them in registers (see quant.py)."""
+    from tvm.script import tirx as T
+
+    NP = (N + NR - 1) // NR
+    NPAD = NP * NR
+    NC = NPAD // VL  # score vectors per row
+    RB = ATT_RB * MR
+    NRB = (N + RB - 1) // RB
+    hz, vz = NR // VL, NV // VV
+    sc = float(scale)
+
+    @T.macro
+    def tile(X, KT, O, S, acc, red, bb, hh, i0, rows):
+        # scores: S[r, :] = (X[i0 + r] . KT panels) * scale
+        for p in range(NP):
+            for r in T.unroll(rows):
+                for z in T.unroll(hz):
+                    acc[T.ramp(r * NR + z * VL, 1, VL)] = T.broadcast(T.float32(0), VL)
+            for d in range(D):
+                for r in T.unroll(rows):
+                    for z in T.unroll(hz):
+                        acc[T.ramp(r * NR + z * VL, 1, VL)] = acc[T.ramp(r * NR + z * VL, 1, VL)] + T.broadcast(
+                            X[bb, i0 + r, hh, d], VL
+                        ) * KT.vload([bb, hh, p, d, z * VL], f"float32x{VL}")
+            for r in T.unroll(rows):
+                for z in T.unroll(hz):
+                    S[T.ramp(r * NPAD + p * NR + z * VL, 1, VL)] = acc[T.ramp(r * NR + z * VL, 1, VL)] * T.broadcast(T.float32(sc), VL)
+        for r in range(rows):
+            for j in range(NPAD - N):
+                S[r * NPAD + N + j] = T.float32(NEG)
+            # row max
+            red[T.ramp(0, 1, VL)] = S[T.ramp(r * NPAD, 1, VL)]
+            for c in range(1, NC):
+                red[T.ramp(0, 1, VL)] = T.max(red[T.ramp(0, 1, VL)], S[T.ramp(r * NPAD + c * VL, 1, VL)])
+            for k in range(1, VL):
+                red[0] = T.max(red[0], red[k])
+            # exp(s - max) in place, and the row sum
+            red[T.ramp(VL, 1, VL)] = T.broadcast(T.float32(0), VL)
+            for c in range(NC):
+                S[T.ramp(r * NPAD + c * VL, 1, VL)] = _fast_exp(S[T.ramp(r * NPAD + c * VL, 1, VL)] - T.broadcast(red[0], VL), VL)
+                red[T.ramp(VL, 1, VL)] = red[T.ramp(VL, 1, VL)] + S[T.ramp(r * NPAD + c * VL, 1, VL)]
+            for k in range(1, VL):
+                red[VL] = red[VL] + red[VL + k]
+            red[2 * VL + r] = T.float32(1) / red[VL]
+        # O[i0 + r] = (P[r] . V) / sum
+        for q in range(D // NV):
+            for r in T.unroll(rows):
+                for z in T.unroll(vz):
+                    acc[T.ramp(r * NV + z * VV, 1, VV)] = T.broadcast(T.float32(0), VV)
+            for k in range(N):
+                for r in T.unroll(rows):
+                    for z in T.unroll(vz):
+                        acc[T.ramp(r * NV + z * VV, 1, VV)] = acc[T.ramp(r * NV + z * VV, 1, VV)] + T.broadcast(
+                            S[r * NPAD + k], VV
+                        ) * X.vload([bb, k, hh, q * NV + z * VV], f"float32x{VV}")
+            for r in T.unroll(rows):
+                for z in T.unroll(vz):
+                    O[bb, i0 + r, hh, T.ramp(q * NV + z * VV, 1, VV)] = acc[T.ramp(r * NV + z * VV, 1, VV)] * T.broadcast(
+                        red[2 * VL + r], VV
+                    )
+
+    @T.prim_func(s_tir=True)
+    def attn(x: T.handle, kt: T.handle, o: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "global_symbol": name, HANDWRITTEN: True})
+        b = T.int64()
+        X = T.match_buffer(x, (b, N, H, D), "float32")
+        KT = T.match_buffer(kt, (b, H, NP, D, NR), "float32")
+        O = T.match_buffer(o, (b, N, H, D), "float32")
+        with T.sblock("root"):
+            with T.sblock("mssa_attention"):
+                T.reads(X[0:b, 0:N, 0:H, 0:D], KT[0:b, 0:H, 0:NP, 0:D, 0:NR])
+                T.writes(O[0:b, 0:N, 0:H, 0:D])
+                for t in T.parallel(b * H * NRB):
+                    S = T.alloc_buffer((MR * NPAD,), "float32")  # this task's score rows (a heap workspace)
+                    acc = T.alloc_buffer((MR * max(NR, NV),), "float32")
+                    red = T.alloc_buffer((2 * VL + MR,), "float32")
+                    for it in range(ATT_RB):
+                        i0 = t % NRB * RB + it * MR
+                        if i0 + MR <= N:
+                            tile(X, KT, O, S, acc, red, t // (H * NRB), t // NRB % H, i0, MR)
+                        elif i0 < N:
+                            for i in range(N - i0):
+                                tile(X, KT, O, S, acc, red, t // (H * NRB), t // NRB % H, i0 + i, 1)
+
+    return attn
+
+
+def kernel_shape(D: int, target) -> tuple[int, int, int, int, int] | None:
+    """(MR, NR, VL, NV, VV) for heads of width D on this target: the scores tile (MR rows x NR
+    keys, VL-lane vectors) and the value panel (NV of the D columns, VV-lane vectors, the widest
+    of VL, 8, 4 that divides D); None when D is not a multiple of 4 (the matmuls stay)."""
+    MR, NR = gemm_tile(target)
+    VL = vector_lanes(target)
+    VV = next((v for v in (VL, 8, 4) if v <= VL and D % v == 0), None)
+    if VV is None:
+        return None
+    NV = max(v for v in range(VV, NR + 1, VV) if D % v == 0)
+    return MR, NR, VL, NV, VV
+
+
+def fuse_attention(mod, target):
+    """Rewrite each MSSA attention of the imported module, permute_dims(matmul(softmax(matmul(w,
+    permute_dims(w)) * s), w)) with w = permute_dims(x) and x [B, N, H, D], into pack_keys and
+    mssa_attention on x. Returns (module, summary); heads kernel_shape cannot take keep the
+    matmuls (the summary says how many were fused, and why not)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    op = {n: tvm.ir.Op.get(f"relax.{n}") for n in ("matmul", "permute_dims", "multiply")}
+    op["softmax"] = tvm.ir.Op.get("relax.nn.softmax")
+    found = {"fused": 0, "kept": []}
+
+    def axes(call):
+        a = call.attrs.axes
+        return None if a is None else [int(i) for i in a]
+
+    @mutator
+    class Rewriter(PyExprMutator):
+        def __init__(self, m):
+            super().__init__(m)
+            self.kernels = {}
+
+        def bound(self, e, name):
+            """The call bound to var e if it is op `name`, else None."""
+            v = self.lookup_binding(e) if isinstance(e, relax.Var) else None
+            return v if isinstance(v, relax.Call) and v.op.same_as(op[name]) else None
+
+        def match(self, call):
+            """x and the scale of the pattern rooted at the outer permute_dims call, or None."""
+            if not call.op.same_as(op["permute_dims"]) or axes(call) != [0, 2, 1, 3]:
+                return None
+            pv = self.bound(call.args[0], "matmul")
+            p = None if pv is None else self.bound(pv.args[0], "softmax")
+            if p is None or int(p.attrs.axis) not in (-1, 3):
+                return None
+            mul = self.bound(p.args[0], "multiply")
+            if mul is None:
+                return None
+            qk, s = mul.args if isinstance(mul.args[1], tvm.ir.expr.Constant) else mul.args[::-1]
+            qk = self.bound(qk, "matmul")
+            if qk is None or not isinstance(s, tvm.ir.expr.Constant) or s.value.numpy().size != 1:
+                return None
+            kt = self.bound(qk.args[1], "permute_dims")
+            w = qk.args[0]
+            if kt is None or axes(kt) != [0, 1, 3, 2] or not (kt.args[0].same_as(w) and pv.args[1].same_as(w)):
+                return None  # q = k = v: one tensor serves all three (MSSA)
+            wp = self.bound(w, "permute_dims")
+            if wp is None or axes(wp) != [0, 2, 1, 3]:
+                return None
+            return wp.args[0], float(s.value.numpy().reshape(()))
+
+        def visit_call_(self, call):
+            call = self.visit_expr_post_order(call)
+            m = self.match(call) if isinstance(call.op, tvm.ir.Op) else None
+            if m is None:
+                return call
+            x, scale = m
+            shape = list(x.ty.shape.values)
+            N, H, D = (int(d) for d in shape[1:])
+            ks = kernel_shape(D, target)
+            if ks is None or x.ty.dtype != "float32":
+                found["kept"].append(f"heads of width {D} ({x.ty.dtype}): fp32 heads of a width divisible by 4 only")
+                return call
+            MR, NR, VL, NV, VV = ks
+            key = (N, H, D, round(scale, 12))
+            if key not in self.kernels:
+                tag = f"n{N}_h{H}_d{D}"
+                pk = self.builder_.add_func(pack_keys(N, H, D, NR, f"permute_pad_{tag}"), f"permute_pad_{tag}")
+                at = self.builder_.add_func(
+                    mssa_attention(N, H, D, scale, f"mssa_attention_{tag}", MR, NR, VL, NV, VV), f"mssa_attention_{tag}"
+                )
+                self.kernels[key] = pk, at
+            pk, at = self.kernels[key]
+            NP = (N + NR - 1) // NR
+            kt = self.builder_.emit(relax.call_tir(pk, [x], relax.TensorType([shape[0], H, NP, D, NR], "float32")))
+            found["fused"] += 1
+            found["tile"] = {"rows": MR, "key_panel": NR, "value_panel": NV, "lanes": VL, "value_lanes": VV}
+            return relax.call_tir(at, [x, kt], relax.TensorType(shape, "float32"))
+
+    rw = Rewriter(mod)
+    gv = mod.get_global_var("main")
+    rw.builder_.update_func(gv, rw.visit_expr(mod["main"]))
+    out = relax.transform.DeadCodeElimination()(rw.builder_.get())
+    found["kept"] = sorted(set(found["kept"]))
+    return out, found
