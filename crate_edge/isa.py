@@ -6,6 +6,8 @@ AOTInductor (its .so). A target's `isa` key says which level they may assume:
   native      the build host's CPU (the default: fastest here, and only here)
   x86-64-v3   AVX2, FMA, F16C, BMI1/2, LZCNT, MOVBE (Haswell, Zen 1 and later)
   x86-64-v4   x86-64-v3 plus AVX-512 F/BW/CD/DQ/VL (Skylake-SP, Zen 4 and later)
+  aarch64     64-bit Arm with NEON (Armv8-A): a TVM cross build (aarch64-linux-gnu-gcc links it),
+              whose code cannot run on an x86 build host
 
 The other backends (ONNX Runtime, ExecuTorch/XNNPACK, Core ML, TensorRT) pick kernels at run
 time and need only the architecture. Every manifest records `requires`: {"arch", "isa" (level),
@@ -29,6 +31,8 @@ LEVELS: dict[str, tuple[str, ...]] = {
     "x86-64-v3": ("avx", "avx2", "bmi1", "bmi2", "f16c", "fma", "abm", "movbe", "xsave"),  # abm: /proc/cpuinfo's LZCNT
 }
 LEVELS["x86-64-v4"] = LEVELS["x86-64-v3"] + ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl")
+LEVELS["aarch64"] = ("asimd",)  # /proc/cpuinfo's NEON
+LEVEL_ARCH = {"x86-64-v3": "x86_64", "x86-64-v4": "x86_64", "aarch64": "aarch64"}
 ISA_LEVELS = ("native", *LEVELS)
 # what compiled code for "native" may use: the SIMD and bit-manipulation families (x86, Arm)
 _NATIVE_PREFIXES = {
@@ -66,7 +70,7 @@ def native_features(flags: set[str] | None = None) -> list[str]:
 def level_of_host() -> str:
     """The highest named level this host meets ("native" only when it meets none)."""
     have = host_flags()
-    return next((lvl for lvl in reversed(LEVELS) if set(LEVELS[lvl]) <= have), "native")
+    return next((lvl for lvl in reversed(LEVELS) if LEVEL_ARCH[lvl] == host_arch() and set(LEVELS[lvl]) <= have), "native")
 
 
 def requirement(level: str | None, extra: list[str] | tuple[str, ...] = ()) -> dict:
@@ -83,7 +87,7 @@ def requirement(level: str | None, extra: list[str] | tuple[str, ...] = ()) -> d
     elif level is not None:
         raise CrateEdgeError(f"unknown isa {level!r}; known: {', '.join(ISA_LEVELS)}")
     return {
-        "arch": host_arch(),
+        "arch": LEVEL_ARCH.get(level or "", host_arch()),
         "isa": level or "any",
         "features": sorted(set(feats) | set(extra)),
         "built_on": host_info().get("cpu"),

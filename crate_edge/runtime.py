@@ -97,11 +97,24 @@ def load(art_dir: str | os.PathLike, threads: int | None = None, reference_ok: b
     return runner_for(Path(art_dir), read_verified(art_dir), threads, reference_ok)
 
 
+def _reference(d: Path, m: dict):
+    """The backend's stand-in executor for an artifact that cannot run here, or None."""
+    from .backends import get_backend
+
+    return get_backend(m["backend"]["name"]).reference_runner(d, m)
+
+
 def runner_for(art_dir: Path, manifest: dict[str, Any], threads: int | None = None, reference_ok: bool = False) -> Runner:
     """`load` for a manifest that crate_edge.manifest.read_verified has already checked (bench times the
     verification and the runtime's load apart)."""
     d, m = Path(art_dir), manifest
-    isa.check(m, d)  # code built for another CPU is refused before any of it is loaded
+    try:
+        isa.check(m, d)  # code built for another CPU is refused before any of it is loaded
+    except CrateEdgeError:
+        ref = _reference(d, m) if reference_ok else None
+        if ref is None:
+            raise
+        return Runner(d, m, ref[0], ref[1], "reference", threads)
     be = m["backend"]["name"]
     try:
         if be in RUNNERS:
@@ -117,10 +130,7 @@ def runner_for(art_dir: Path, manifest: dict[str, Any], threads: int | None = No
         why = str(e)
     except ImportError as e:
         why = f"its runtime is not installed ({e.name or e}; pip install 'crate-edge[{RUNTIME_EXTRAS.get(be, be)}]')"
-    if reference_ok:
-        from .backends import get_backend
-
-        ref = get_backend(be).reference_runner(d, m)
-        if ref is not None:
-            return Runner(d, m, ref[0], ref[1], "reference", threads)
+    ref = _reference(d, m) if reference_ok else None
+    if ref is not None:
+        return Runner(d, m, ref[0], ref[1], "reference", threads)
     raise BackendUnavailable(f"cannot run {m['target']['name']} artifact here: {why}")

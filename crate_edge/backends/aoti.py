@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import isa
 from ..errors import CrateEdgeError
 from ..export import export
 from .base import Availability, Backend, Capabilities, Compiled, device_of, precision_map
@@ -31,6 +32,8 @@ def _cpu_level(level: str) -> tuple[str, tuple[str, ...], dict]:
     features Inductor's vector ISA adds beyond it, and the inductor_configs."""
     from torch._inductor import cpu_vec_isa
 
+    if isa.LEVEL_ARCH.get(level, isa.host_arch()) != isa.host_arch():
+        raise CrateEdgeError(f"aoti: isa {level} is another architecture; AOTInductor compiles for this host's ({isa.host_arch()})")
     opts = {} if level == "native" else {"cpp.march": level, "cpp.simdlen": 256 if level == "x86-64-v3" else 512}
     if level == "native":
         return level, (), opts

@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ... import isa
 from ...errors import BackendUnavailable, CrateEdgeError
 from ...runtimes import TVM_LIBRARY, tvm_vm_runner
 from ..base import Availability, Backend, Capabilities, Compiled, device_of, precision_map
@@ -16,10 +17,10 @@ from .lower import _batch_var, _import, _op_inventory, build, fused
 from .metaschedule import tune
 from .quant import quantize_module
 from .schedule import cpu_rules
-from .target import _say, make_target
+from .target import _say, cross_compiler, make_target
 
 LIBRARY = TVM_LIBRARY
-CPU_TWIN = "model_cpu_reference.so"  # cuda builds on a GPU-less host: the same Relax module for llvm
+CPU_TWIN = "model_cpu_reference.so"  # cuda builds on a GPU-less host, cross builds: the same Relax module for this CPU
 TUNING_DB = "tuning_db"
 ATTENTION = {  # options.attention: how MSSA's attention is lowered on a CPU (llvm) target
     "fused": "one hand-written kernel per head and row tile: scores, softmax, product with V (attention.py)",
@@ -85,6 +86,7 @@ class TVMBackend(Backend):
             shutil.which("nvcc") or os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
         ):
             raise BackendUnavailable("backend tvm unavailable: a cuda target compiles its kernels with nvcc, which is not on PATH")
+        cross = cross_compiler(target.isa) if device == "cpu" else None  # before any work: the linker is there
         t0 = time.time()
         mod, how = _import(ep)
         batch = _batch_var(mod)
@@ -113,7 +115,7 @@ class TVMBackend(Backend):
             files.append(TUNING_DB)
         t1 = time.time()
         _say(f"building for {tgt.kind.name} ({tgt.attrs.get('mcpu', tgt.attrs.get('arch', ''))})")
-        build(mod, tgt, db_dir).export_library(str(out / LIBRARY))
+        build(mod, tgt, db_dir).export_library(str(out / LIBRARY), fcompile=cross)
         info["build_s"] = round(time.time() - t1, 1)
         info["compile_s"] = round(time.time() - t0, 1)
         verified, not_verified = {}, {}
@@ -123,6 +125,15 @@ class TVMBackend(Backend):
             files.append(CPU_TWIN)
             not_verified["execution"] = "no CUDA GPU here: the CUDA library was built, not run"
             verified["numerics"] = "the same Relax module built by TVM for this CPU (llvm)"
+        elif cross is not None:
+            # an x86-64-v3 twin where this host meets it, so that the stand-in runs on most x86 hosts
+            twin = "x86-64-v3" if isa.level_of_host() != "native" else "native"
+            build(mod, make_target({"kind": "llvm"}, twin)).export_library(str(out / CPU_TWIN))
+            files.append(CPU_TWIN)
+            not_verified["execution"] = (
+                f"a {target.isa} library ({tgt.attrs.get('mtriple')}): built and linked here, not run (this host is {isa.host_arch()})"
+            )
+            verified["numerics"] = f"the same Relax module built by TVM for this CPU (llvm, isa {twin})"
         else:
             verified["execution"] = f"TVM Relax VM ({device}) on this machine"
         return Compiled(
@@ -137,9 +148,7 @@ class TVMBackend(Backend):
 
     def reference_runner(self, art_dir: Path, manifest: dict):
         be = manifest["backend"]
-        if be.get("device") != "cuda" or not (art_dir / CPU_TWIN).exists():
+        if not (art_dir / CPU_TWIN).exists():
             return None
-        return (
-            vm_runner(art_dir / CPU_TWIN, "cpu"),
-            "TVM llvm build of the same Relax module on this CPU, not the CUDA library",
-        )
+        what = "the CUDA library" if be.get("device") == "cuda" else f"the {manifest['target']['definition'].get('isa')} library"
+        return vm_runner(art_dir / CPU_TWIN, "cpu"), f"TVM llvm build of the same Relax module on this CPU, not {what}"

@@ -11,10 +11,40 @@ def _say(msg: str) -> None:
     print(f"[tvm] {msg}", file=sys.stderr, flush=True)
 
 
+# isa levels of another architecture: the llvm target, and the cross compiler that links the library
+CROSS = {
+    "aarch64": {
+        "target": {"mtriple": "aarch64-linux-gnu", "mcpu": "generic", "mattr": ["+neon"]},
+        "cc": "aarch64-linux-gnu-gcc",
+        "package": "gcc-aarch64-linux-gnu",  # Debian's
+    }
+}
+
+
+def cross_compiler(isa: str):
+    """export_library's fcompile for a cross build (None for this host's architecture);
+    BackendUnavailable when the cross compiler is not installed."""
+    import shutil
+
+    from ...errors import BackendUnavailable
+
+    c = CROSS.get(isa)
+    if c is None:
+        return None
+    if shutil.which(c["cc"]) is None:
+        raise BackendUnavailable(
+            f"backend tvm unavailable for isa {isa}: it links with {c['cc']}, which is not on PATH (Debian: apt install {c['package']})"
+        )
+    from tvm.support import cc
+
+    return cc.cross_compiler(c["cc"])
+
+
 def make_target(spec, isa: str = "native"):
     """tvm.target.Target from the target table. An llvm target's CPU is the target file's `isa`
     (crate_edge.isa): "native" becomes this CPU's name, "x86-64-v3"/"x86-64-v4" are LLVM's CPU
-    levels; options.target.mcpu may say "native" (the old spelling) but no other CPU."""
+    levels, "aarch64" an Armv8-A NEON cross target (CROSS); options.target.mcpu may say "native"
+    (the old spelling) but no other CPU."""
     import tvm
     from tvm.target import codegen
 
@@ -30,7 +60,10 @@ def make_target(spec, isa: str = "native"):
             raise CrateEdgeError(
                 f"tvm: set the CPU with the target's isa key (native, x86-64-v3, x86-64-v4), not options.target.mcpu = {spec['mcpu']!r}"
             )
-        spec["mcpu"] = codegen.llvm_get_system_cpu() if isa == "native" else isa
+        if isa in CROSS:
+            spec.update(CROSS[isa]["target"])
+        else:
+            spec["mcpu"] = codegen.llvm_get_system_cpu() if isa == "native" else isa
         # lets LLVM vectorise the LayerNorm/softmax row sums; the GEMMs are vectorised by hand
         spec.setdefault("fast-math-reassoc", True)
         spec.setdefault("fast-math-nsz", True)
