@@ -119,6 +119,11 @@ class ArtifactParity:
         return not self.violations
 
     @property
+    def has_residual(self) -> bool:
+        """Per-layer rows carry the sparse-coding residual ‖x − Dz‖/‖x‖ (a CRATE-α probe build)."""
+        return bool(self.layers) and "residual" in self.layers[0]
+
+    @property
     def failures(self) -> list[str]:
         return [v.text for v in self.violations]
 
@@ -238,7 +243,7 @@ class ParityReport:
             if r.layers is None:
                 lines.append(f"{r.label}: not a probe build, logit metrics only")
                 continue
-            alpha = "residual" in r.layers[0]
+            alpha = r.has_residual
             lines.append(f"{r.label} per layer ({_Z_IS[alpha]}, w = MSSA features; coding rate on {r.coding_rate_images} images):")
             lines.append(
                 f"{'layer':>5} {'SQNR z':>8} {'SQNR w':>8} {'cos z min':>10} {'IoU mean':>9} {'IoU p05':>8} "
@@ -291,7 +296,7 @@ class ParityReport:
             if r.layers is None:
                 out.append("Not a probe build: logit metrics only (compile with `--probe` for per-layer parity).")
             else:
-                alpha = "residual" in r.layers[0]
+                alpha = r.has_residual
                 out += [
                     f"Layer l = transformer.layers[l]; {_Z_IS[alpha]}, w = its MSSA features. Coding rate over "
                     f"{r.coding_rate_images} images." + (" Residual: ||x - D z2|| / ||x||, mean over images." if alpha else ""),
@@ -339,7 +344,7 @@ class ParityReport:
             ax.set_ylim(min(vals) - 2, max(vals) + 1)
             ax.set(ylabel=what, title=f"{what} on {self.n} images of {self.data} (no probe builds: logits only)")
         else:
-            alpha = "residual" in probes[0].layers[0]
+            alpha = probes[0].has_residual
             fig, axs = plt.subplots(2, 3 if alpha else 2, figsize=(16 if alpha else 11, 8))
             (a1, a2, *a5), (a3, a4, *a6) = axs
             layers = np.arange(len(probes[0].layers))
