@@ -88,12 +88,17 @@ def mssa_attention(N: int, H: int, D: int, scale: float, name: str, MR: int, NR:
     sc = float(scale)
 
     @T.macro
+    def zero(acc, rows, width, lanes):
+        """rows x width accumulators (vectors of `lanes`) to 0 before a micro-kernel's k loop."""
+        for r in T.unroll(rows):
+            for z in T.unroll(width // lanes):
+                acc[T.ramp(r * width + z * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
+
+    @T.macro
     def tile(X, KT, O, S, acc, red, bb, hh, i0, rows):
         # scores: S[r, :] = (X[i0 + r] . KT panels) * scale
         for p in range(NP):
-            for r in T.unroll(rows):
-                for z in T.unroll(hz):
-                    acc[T.ramp(r * NR + z * VL, 1, VL)] = T.broadcast(T.float32(0), VL)
+            zero(acc, rows, NR, VL)
             for d in range(D):
                 for r in T.unroll(rows):
                     for z in T.unroll(hz):
@@ -122,9 +127,7 @@ def mssa_attention(N: int, H: int, D: int, scale: float, name: str, MR: int, NR:
             red[2 * VL + r] = T.float32(1) / red[VL]
         # O[i0 + r] = (P[r] . V) / sum
         for q in range(D // NV):
-            for r in T.unroll(rows):
-                for z in T.unroll(vz):
-                    acc[T.ramp(r * NV + z * VV, 1, VV)] = T.broadcast(T.float32(0), VV)
+            zero(acc, rows, NV, VV)
             for k in range(N):
                 for r in T.unroll(rows):
                     for z in T.unroll(vz):
