@@ -209,6 +209,8 @@ def check_offer(be, t) -> None:
             f"target {t.name}: quantize.scheme {qc.scheme} is not supported by backend {be.name} "
             f"(it quantizes: {', '.join(cap.quant_schemes) or 'nothing'})"
         )
+    if qc is not None and qc.attention != "float" and not cap.quant_attention:
+        raise CrateEdgeError(f'target {t.name}: quantize.attention = "{qc.attention}" is not supported by backend {be.name} (float only)')
     if t.device not in cap.devices:
         raise CrateEdgeError(
             f"target {t.name}: device {t.device} is not supported by backend {be.name} (it runs on {', '.join(cap.devices)})"

@@ -8,7 +8,11 @@ small errors flip which coordinates are active. Therefore, in every backend:
   * only the GEMMs with weights are quantized ("sites"): the patch embedding, each layer's
     subspace projection U (qkv), its output map, its ISTA GEMM, and the classifier head;
   * LayerNorm, softmax, the residual adds, the w w^T and A w attention products, and the ISTA
-    threshold and ReLU stay in float (their inputs are dequantized before they run);
+    threshold and ReLU stay in float (their inputs are dequantized before they run); the one
+    exception is opt-in, `attention = "int8"`: both attention products in int8 with scales taken
+    at run time from w itself (per token for w w^T, per column of w for A w, A as 255ths), where
+    the backend declares it (Capabilities.quant_attention; TVM on AVX-512 VNNI) and only under
+    the target's parity budget;
   * weights are per output channel; activations per tensor, calibrated on training images
     (never the held-out slice parity is measured on);
   * the folded ISTA is quantized either as its update dA = eta (D - D^T D) with the identity
@@ -58,6 +62,7 @@ class QuantConfig:
     calibration_data: str = "fashion-mnist"  # any crate_edge.data spec; the train split is used
     calibration_images: int = 256
     ista: str = "update"  # update | matrix (see module docstring)
+    attention: str = "float"  # float | int8: MSSA's two attention products (see module docstring)
     sites: list[str] = field(default_factory=lambda: list(SITE_KINDS))  # site kinds quantized
     float_layers: list[int] = field(default_factory=list)  # blocks kept entirely in float
     nbits: int = 8  # weight bits for int8_weights / palettize
@@ -84,6 +89,7 @@ class QuantConfig:
             ("activations", self.activations, ("static", "dynamic", "none")),
             ("calibration", self.calibration, METHODS),
             ("ista", self.ista, ("update", "matrix")),
+            ("attention", self.attention, ("float", "int8")),
         ]
         for key, val, allowed in checks:
             if val not in allowed:
@@ -119,7 +125,8 @@ class QuantPlan:
 
     def manifest(self) -> dict[str, Any]:
         cal = self.calibration_record or {"spec": self.config.calibration_data, "split": "train", "images": int(len(self.calibration))}
-        out = {"config": self.config.to_dict(), "sites": sorted(self.sites), "keep_float": list(KEEP_FLOAT), "calibration": dict(cal)}
+        keep = [k for k in KEEP_FLOAT if not (k.startswith("attention_products") and self.config.attention == "int8")]
+        out = {"config": self.config.to_dict(), "sites": sorted(self.sites), "keep_float": keep, "calibration": dict(cal)}
         if self.ranges is not None:
             out["ranges"] = self.ranges.record()
         return out

@@ -98,3 +98,109 @@ def test_unknown_attention_option(ref, tmp_path):
     with pytest.raises(CrateEdgeError, match="options.attention = 'flash'; known: fused, matmul"):
         compile(ref, _target(tmp_path, "flash"), out=tmp_path / "a", parity_limit=20, **QUIET)
     assert not (tmp_path / "a").exists()
+
+
+# ---- int8 attention ([quantize] attention = "int8"): AVX-512 VNNI only
+VNNI = {"avx512f", "avx512bw", "avx512_vnni"} <= isa_mod.host_flags()
+
+
+def _run_int8(B, N, H, D, scale, x=None):
+    tgt = make_target({"kind": "llvm"}, "native")
+    NR = 16 * att.INZ
+    NP = (N + NR - 1) // NR
+    qh = tvm.compile(tvm.IRModule({"main": att.quantize_heads(N, H, D, NR, "main")}), target=tgt)
+    at = tvm.compile(tvm.IRModule({"main": att.mssa_attention_int8(N, H, D, scale, "main")}), target=tgt)
+    if x is None:
+        x = np.random.default_rng(N + D).standard_normal((B, N, H, D)).astype(np.float32) * 2
+    dev = tvm.cpu()
+    shapes = [((B, H, N, D), "uint8"), ((B, H, NP * NR), "float32"), ((B, H, NP, D // 4, NR), "int32")]
+    shapes += [((B, H, NP * NR), "int32"), ((B, H, (N + 3) // 4, D), "int32"), ((B, H, D), "float32")]
+    # garbage where the quantizer must write (its padding included), so nothing is assumed zero
+    ops = [tvm.runtime.tensor(np.full(s, 7, d), dev) for s, d in shapes]
+    o = tvm.runtime.tensor(np.full((B, N, H, D), np.nan, np.float32), dev)
+    qh(tvm.runtime.tensor(x, dev), *ops)
+    at(*ops, o)
+    return o.numpy(), _reference(x, scale), [t.numpy() for t in ops]
+
+
+@pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: the int8 attention kernel cannot run here")
+@pytest.mark.parametrize(
+    "B,N,H,D",
+    [
+        (1, 197, 6, 64),  # CRATE-Tiny/16@224: a one-row tail, 27 padded keys, N not a multiple of 4
+        (2, 50, 4, 32),  # the embedded model's heads, batch 2
+        (3, 5, 2, 16),  # fewer tokens than one tile; one 16-column value panel
+        (1, 65, 3, 48),  # a width the 32-column value panel does not divide
+    ],
+)
+def test_int8_kernel_is_close_to_float64_attention(B, N, H, D):
+    got, ref, ops = _run_int8(B, N, H, D, D**-0.5)
+    assert np.isfinite(got).all()
+    cos = (got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref)
+    # int8 error, not exactness: ~1% of the largest output, cosine near 1 (and far from a broken kernel's)
+    assert cos > 0.9999 and np.abs(got - ref).max() <= 0.02 * np.abs(ref).max(), (cos, np.abs(got - ref).max())
+    u, a, kq, cs, vq, vs = ops
+    # the operands as the note in attention.py says: u = q + 128, 128 * key sums, zero padding
+    q = u.astype(np.int32) - 128
+    assert np.array_equal(cs[..., :N], 128 * q.sum(-1)) and not cs[..., N:].any() and not a[..., N:].any()
+    keys = kq.view(np.int8).reshape(B, H, -1, D // 4, 16 * att.INZ, 4).transpose(0, 1, 2, 4, 3, 5).reshape(B, H, -1, D)
+    assert np.array_equal(keys[:, :, :N], q) and not keys[:, :, N:].any()
+    vals = vq.view(np.int8).reshape(B, H, -1, D, 4).transpose(0, 1, 2, 4, 3).reshape(B, H, -1, D)
+    w = np.random.default_rng(N + D).standard_normal((B, N, H, D)).astype(np.float32).transpose(0, 2, 1, 3) * 2
+    np.testing.assert_allclose(vals[:, :, :N] * vs[:, :, None, :], w, atol=0.51 * vs.max())
+    assert not vals[:, :, N:].any()
+
+
+@pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: the int8 attention kernel cannot run here")
+def test_int8_kernel_with_a_zero_head_and_large_scores():
+    x = np.random.default_rng(3).standard_normal((1, 33, 2, 16)).astype(np.float32) * 8
+    x[:, :, 1] = 0  # an all-zero head: scales must not divide by zero
+    got, ref, _ = _run_int8(1, 33, 2, 16, 4.0, x)
+    assert np.isfinite(got).all() and not got[:, :, 1].any()
+    assert np.abs(got - ref).max() <= 0.03 * np.abs(ref).max()
+
+
+def test_int8_attention_is_refused_in_one_line_where_it_cannot_run():
+    v3 = make_target({"kind": "llvm"}, "x86-64-v3")
+    assert "AVX-512 VNNI" in att.int8_attention(64, v3)
+    if VNNI:
+        nat = make_target({"kind": "llvm"}, "native")
+        assert att.int8_attention(64, nat) is None and "divisible by 16" in att.int8_attention(24, nat)
+
+
+@pytest.fixture(scope="module")
+def emb():
+    return load_model()  # the embedded model: heads of width 32
+
+
+def _int8_target(tmp_path, isa="native", backend="tvm"):
+    p = tmp_path / f"{backend}-att8-{isa}.toml"
+    p.write_text(
+        f'backend = "{backend}"\nprecision = "int8"\nisa = "{isa}"\nrewrites = ["shift_patch_norm", "fold_ista_update"]\n'
+        '[quantize]\nscheme = "int8"\ncalibration_images = 64\nattention = "int8"\n'
+        "[parity]\nmin_top1_agreement = 0.95\nmin_cosine = 0.98\n"
+    )
+    return p
+
+
+@pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: the int8 attention kernel cannot run here")
+def test_int8_attention_target_builds_and_passes_parity(emb, tmp_path):
+    art = compile(emb, _int8_target(tmp_path), out=tmp_path / "q", parity_limit=200, **QUIET)
+    m = art.manifest
+    assert m["backend"]["attention"]["precision"] == {"int8": emb.cfg.depth}, m["backend"]["attention"]
+    assert "attention_products" in m["precision"]["detail"]
+    assert not any(k.startswith("attention_products") for k in m["quantization"]["keep_float"])
+    assert m["parity"]["passed"], m["parity"]
+
+
+def test_int8_attention_falls_back_to_float32_without_vnni_and_says_so(emb, tmp_path):
+    art = compile(emb, _int8_target(tmp_path, "x86-64-v3"), out=tmp_path / "v3", parity_limit=50, **QUIET)
+    info = art.manifest["backend"]["attention"]
+    assert info["precision"] == {"float32": emb.cfg.depth} and "AVX-512 VNNI" in info["int8_refused"]
+    assert "attention_products" not in art.manifest["precision"]["detail"]
+
+
+def test_int8_attention_is_refused_by_backends_that_do_not_take_it(ref, tmp_path):
+    with pytest.raises(CrateEdgeError, match='quantize.attention = "int8" is not supported by backend onnxruntime'):
+        compile(ref, _int8_target(tmp_path, backend="onnxruntime"), out=tmp_path / "o", parity_limit=20, **QUIET)
+    assert not (tmp_path / "o").exists()

@@ -54,6 +54,7 @@ class Capabilities:
     precisions: tuple[str, ...]  # the target `precision` values it compiles (PRECISIONS)
     # [quantize] scheme -> how its activations are scaled from crate_edge.calibration's ranges
     quant_schemes: dict[str, str] = field(default_factory=dict)
+    quant_attention: bool = False  # takes [quantize] attention = "int8" (crate_edge.quantize)
     compile_needs: tuple[str, ...] = ()  # importable modules needed to compile
     run_needs: tuple[str, ...] = ()  # importable modules needed to execute its artifacts
     distributions: tuple[str, ...] = ()  # pip distributions whose versions a manifest records

@@ -7,7 +7,7 @@ the fastest builtin call timed the same way), so the profiled total is above the
 latency, which the report gives beside it. On CUDA the device is synchronized around every call.
 
 Op classes (_tvm_class) come from the PrimFunc's name: fused_matmul1_add2_relu1_prepacked is a
-float GEMM, a qgemm an int8 one, a name made of layout tokens only is layout.
+float GEMM, a qgemm an int8 one (mssa_attention_int8 int8 attention), a name made of layout tokens only is layout.
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ def _tvm_class(sym: str) -> tuple[str, str]:
     s = sym.lower()
     if "qgemm" in s:
         return "gemm", "int8"
+    if "attention_int8" in s:  # attention.py's int8 kernel (both products on vpdpbusd)
+        return "attention", "int8"
     if c := float_kernel_class(s):  # "dequantize" contains "quantize"
         return c
     if re.search(r"matmul|dense|gemm|conv", s):

@@ -46,6 +46,7 @@ class TVMBackend(Backend):
         devices=("cpu", "cuda"),
         precisions=("fp32", "int8"),
         quant_schemes={"int8": "symmetric"},
+        quant_attention=True,
         compile_needs=("tvm",),
         run_needs=("tvm",),
         distributions=("apache-tvm", "apache-tvm-ffi"),
@@ -92,8 +93,13 @@ class TVMBackend(Backend):
         batch = _batch_var(mod)
         pinned = None
         info = {"device": device, "target": str(tgt), "import": how, "relax_ops": _op_inventory(mod)}
+        att_precision = quant.config.attention if quant is not None else "float"
+        if att_precision == "int8" and not (device == "cpu" and attention == "fused"):
+            raise CrateEdgeError('tvm: quantize.attention = "int8" needs a CPU (llvm) target with options.attention = "fused"')
         if device == "cpu" and attention == "fused":
-            mod, info["attention"] = fuse_attention(mod, tgt)
+            mod, info["attention"] = fuse_attention(mod, tgt, att_precision)
+            if "int8_refused" in info["attention"]:
+                _say(f"attention stays float32: {info['attention']['int8_refused']}")
         sites = {}
         if quant is not None:
             _say(f"int8: calibrating {len(quant.sites)} sites on {len(quant.calibration)} images, rewriting their GEMMs")
@@ -136,9 +142,14 @@ class TVMBackend(Backend):
             verified["numerics"] = f"the same Relax module built by TVM for this CPU (llvm, isa {twin})"
         else:
             verified["execution"] = f"TVM Relax VM ({device}) on this machine"
+        detail = {}
+        if info.get("attention", {}).get("precision", {}).get("int8"):
+            detail["attention_products"] = (
+                "int8 (vpdpbusd): w per token for w w^T, softmax weights as u8 255ths x w per column for A w, scales at run time"
+            )
         return Compiled(
             files=files,
-            precision=precision_map("fp32", sites),
+            precision=precision_map("fp32", sites, **detail),
             batch_range=pinned,
             verified=verified,
             not_verified=not_verified,
