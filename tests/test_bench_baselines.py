@@ -10,7 +10,7 @@ import torch
 
 import crate_edge
 from bench import _common, baselines
-from bench.quant_speed import floor_of, floors
+from bench.quant_speed import floor_of, floors, int8_attention
 
 
 @pytest.fixture(scope="module")
@@ -67,3 +67,7 @@ def test_floors_follow_the_gemm_counts():
     assert floor_of("onnxruntime-int8", "int8") == "int8_crate_policy"
     assert floor_of("openvino+nncf int8", "int8") == "int8_everything"
     assert floor_of("openvino default", "bf16") == "bf16"
+    # an int8 target whose attention products ran in int8 is held to int8 everywhere, as NNCF is
+    assert floor_of("tvm-int8", "int8", int8_attention=True) == "int8_everything"
+    assert not int8_attention({"precision": {"detail": {}}})
+    assert int8_attention({"precision": {"detail": {"attention_products": "int8 (vpdpbusd)"}}})
