@@ -63,21 +63,27 @@ def test_manifest_precision_and_quantization_block(model, art):
     be = m["backend"]["quantization"]
     assert set(be["sites"]) == set(sites)
     assert all(s["activation_scale"] > 0 for s in be["sites"].values())
+    if be["kernel_isa"] == "avx512vnni":
+        # each layer's out map takes its bias and the residual add, each ISTA GEMM its identity path and ReLU
+        assert be["epilogues"] == {"residual": model.cfg.depth, "residual_relu": model.cfg.depth}
+    else:
+        assert be["epilogues"] == {}
 
 
 def test_library_embeds_int8_weights_not_float_ones(model, art):
     """Bytes of the constants the library embeds, by dtype: every site weight as int8 (columns
-    padded to the kernel's panel: 16 for AVX2, 16 * VNZ and k to a multiple of 4 for VNNI), and
+    padded to the kernel's panel: 16 for AVX2, 16 * vnni_panels(N) and k to a multiple of 4 for VNNI), and
     no float copy of them (which alone would be 4x the int8 bytes)."""
     from crate_edge.backends.tvm import quant
 
     q = art.manifest["backend"]["quantization"]
     consts = q["weight_constants"]
-    panel, kq = (16 * quant.VNZ, 4) if q["kernel_isa"] == "avx512vnni" else (16, 1)
+    vnni = q["kernel_isa"] == "avx512vnni"
     mod = apply(model, ["shift_patch_norm", "fold_ista_update"])
     want = 0
     for path in _sites(model).values():
         n, k = mod.get_submodule(path).weight.shape
+        panel, kq = (16 * quant.vnni_panels(n), 4) if vnni else (16, 1)
         want += -(-n // panel) * panel * (-(-k // kq) * kq)
     assert consts["int8"] == want
     assert consts["float32"] < want  # LayerNorm, biases, scales, embeddings; the float site weights would be 4 * want
@@ -193,6 +199,16 @@ def test_vnni_kernel_is_exact_and_chosen_by_the_cpu():
     a_max = np.full((m, 32), 128, np.uint8)
     a_max[:, :k] = 255  # +127
     assert (run(a_max, p_neg, c_neg, np.ones(npad, np.float32)) == -127 * 127 * k).all()
+    # the epilogues: + bias + residual (and ReLU), fused into the write-back
+    bias = rng.standard_normal(npad).astype(np.float32)
+    res = rng.standard_normal((m, npad)).astype(np.float32)
+    full = (aq @ np.pad(wq, ((0, npad - n), (0, 0))).astype(np.int64).T).astype(np.float32) * np.pad(s[:n], (0, npad - n))
+    for epi, want in (("residual", full + bias + res), ("residual_relu", np.maximum(full + bias + res, 0))):
+        ek = tvm.compile(tvm.IRModule({"main": tb._qgemm_vnni(k, n, "main", epilogue=epi)}), target=tgt)
+        sp = np.pad(s[:n], (0, npad - n)).astype(np.float32)
+        ek(*(tvm.runtime.tensor(v, dev) for v in (au8.numpy(), packed, comp, sp, bias, res)), out)
+        np.testing.assert_allclose(out.numpy(), want, rtol=1e-6, atol=1e-5)
+    assert (out.numpy() == 0).any()  # the ReLU did something
 
 
 def test_unimplemented_schemes_and_targets_refuse(model, tmp_path):

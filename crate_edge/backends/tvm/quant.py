@@ -3,6 +3,8 @@ hand-written int8 x int8 -> int32 kernels; calibration of their activation scale
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from ...calibration import calibrate
@@ -105,24 +107,47 @@ def _qgemm_int8(K: int, N: int, name: str):
 # workspace read and written every k step. 197x384x384 on one Zen 5 core: 5x3 (960 B) 793 GOP/s,
 # 6x2 774, 3x4 783; 4x4 (1 KiB) 195, 6x4 221 (the AVX2 vpmaddwd kernel: see below).
 VMR, VNZ = 5, 3
+
+
+def vnni_panels(N: int) -> int:
+    """zmm per micro-kernel row for N output columns: VNZ, or fewer where that fills whole panels
+    (N = 128: 2, no padded columns, so the epilogue can fuse)."""
+    return next((nz for nz in (VNZ, 2, 1) if N % (16 * nz) == 0), VNZ)
+
+
 VNNI = "llvm.x86.avx512.vpdpbusd.512"
 
 
-def _qgemm_vnni(K: int, N: int, name: str, mr: int = VMR, nz: int = VNZ):
+EPILOGUES = ("", "residual", "residual_relu")  # what a VNNI GEMM adds to its dequantized tile
+
+
+def _qgemm_vnni(K: int, N: int, name: str, mr: int = VMR, nz: int = VNZ, epilogue: str = ""):
     """TIR, AVX-512 VNNI: C[m, NPAD] = float(A_u8 @ W^T - comp) * s. A: uint8 [m, KQ*4] (int8
     values + 128, K padded to a multiple of 4 with 128s), W: int8 [NPAD/NR, KQ, NR*4] (per panel
     of NR = 16*nz columns and k quad: nz x 16 columns x 4 k), comp: int32 [NPAD] (128 * the column sums of W, which
     undo the +128), s: float32 [NPAD]. vpdpbusd multiplies 64 u8 x s8 pairs and adds each four
     into one of 16 int32 lanes, four times the work of vpmaddwd on ymm; the sums cannot wrap
-    (4 * 255 * 127 per instruction, K * 255 * 127 < 2^31 for K < 66,000)."""
+    (4 * 255 * 127 per instruction, K * 255 * 127 < 2^31 for K < 66,000).
+    epilogue "residual": C = that + bias[n] + R[m, n] (a site's bias and the residual add, which
+    would otherwise be one more pass over C); "residual_relu": relu of it (the folded ISTA step).
+    Both take bias [NPAD] and R [m, NPAD] after s."""
     from tvm.script import tirx as T
 
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue {epilogue!r}")
     NR = 16 * nz
     NP, KQ, rb = (N + NR - 1) // NR, (K + 3) // 4, QRB
     NPAD = NP * NR
 
+    def out(v, bias, R, i, n0):
+        """The dequantized 16 columns n0.. of row i, with the epilogue."""
+        if bias is None:  # the plain kernel (both prim_funcs below are parsed)
+            return v
+        v = v + bias.vload([n0], "float32x16") + R.vload([i, n0], "float32x16")
+        return T.max(v, T.broadcast(T.float32(0), 16)) if epilogue == "residual_relu" else v
+
     @T.macro
-    def tile(acc, A, W, comp, s, C, i0, p, rows):
+    def tile(acc, A, W, comp, s, bias, R, C, i0, p, rows):
         for r in T.unroll(rows):
             for h in T.unroll(nz):
                 acc[T.ramp(r * NR + h * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
@@ -139,9 +164,26 @@ def _qgemm_vnni(K: int, N: int, name: str, mr: int = VMR, nz: int = VNZ):
                     )
         for r in T.unroll(rows):
             for h in T.unroll(nz):
-                C[i0 + r, T.ramp(p * NR + h * 16, 1, 16)] = T.cast(
-                    acc[T.ramp(r * NR + h * 16, 1, 16)] - comp.vload([p * NR + h * 16], "int32x16"), "float32x16"
-                ) * s.vload([p * NR + h * 16], "float32x16")
+                C[i0 + r, T.ramp(p * NR + h * 16, 1, 16)] = out(
+                    T.cast(acc[T.ramp(r * NR + h * 16, 1, 16)] - comp.vload([p * NR + h * 16], "int32x16"), "float32x16")
+                    * s.vload([p * NR + h * 16], "float32x16"),
+                    bias,
+                    R,
+                    i0 + r,
+                    p * NR + h * 16,
+                )
+
+    @T.macro
+    def tasks(A, W, comp, s, bias, R, C, m):
+        for t in T.parallel((m + rb * mr - 1) // (rb * mr) * NP):
+            acc = T.alloc_buffer((mr * NR,), "int32")
+            for it in range(rb):
+                i0 = t // NP * (rb * mr) + it * mr
+                if i0 + mr <= m:
+                    tile(acc, A, W, comp, s, bias, R, C, i0, t % NP, mr)
+                elif i0 < m:
+                    for i in range(m - i0):
+                        tile(acc, A, W, comp, s, bias, R, C, i0 + i, t % NP, 1)
 
     @T.prim_func(s_tir=True)
     def qgemm(
@@ -155,17 +197,30 @@ def _qgemm_vnni(K: int, N: int, name: str, mr: int = VMR, nz: int = VNZ):
             with T.sblock("qgemm"):
                 T.reads(A[0:m, 0 : KQ * 4], W[0:NP, 0:KQ, 0 : NR * 4], comp[0:NPAD], s[0:NPAD])
                 T.writes(C[0:m, 0:NPAD])
-                for t in T.parallel((m + rb * mr - 1) // (rb * mr) * NP):
-                    acc = T.alloc_buffer((mr * NR,), "int32")
-                    for it in range(rb):
-                        i0 = t // NP * (rb * mr) + it * mr
-                        if i0 + mr <= m:
-                            tile(acc, A, W, comp, s, C, i0, t % NP, mr)
-                        elif i0 < m:
-                            for i in range(m - i0):
-                                tile(acc, A, W, comp, s, C, i0 + i, t % NP, 1)
+                tasks(A, W, comp, s, None, None, C, m)
 
-    return qgemm
+    @T.prim_func(s_tir=True)
+    def qgemm_epilogue(
+        a: T.handle,
+        W: T.Buffer((NP, KQ, NR * 4), "int8"),
+        comp: T.Buffer((NPAD,), "int32"),
+        s: T.Buffer((NPAD,), "float32"),
+        bias: T.Buffer((NPAD,), "float32"),
+        res: T.handle,
+        c: T.handle,
+    ):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "global_symbol": name, HANDWRITTEN: True})
+        m = T.int64()
+        A = T.match_buffer(a, (m, KQ * 4), "uint8")
+        R = T.match_buffer(res, (m, NPAD), "float32")
+        C = T.match_buffer(c, (m, NPAD), "float32")
+        with T.sblock("root"):
+            with T.sblock("qgemm"):
+                T.reads(A[0:m, 0 : KQ * 4], W[0:NP, 0:KQ, 0 : NR * 4], comp[0:NPAD], s[0:NPAD], bias[0:NPAD], R[0:m, 0:NPAD])
+                T.writes(C[0:m, 0:NPAD])
+                tasks(A, W, comp, s, bias, R, C, m)
+
+    return qgemm_epilogue if epilogue else qgemm
 
 
 def _quantize_act_u8(x, scale: float):
@@ -301,8 +356,9 @@ def quantize_module(mod, module, plan, target):
             N, K = (int(d) for d in w.shape)
             sa = scales[site]
             if kind == "avx512vnni":
-                packed, comp, sw, _ = pack_int8_weight_vnni(w.astype(np.float64), per_channel)
-                make, quant_act, npad = _qgemm_vnni, _quantize_act_u8, packed.shape[0] * 16 * VNZ
+                nz = vnni_panels(N)
+                packed, comp, sw, _ = pack_int8_weight_vnni(w.astype(np.float64), per_channel, nz)
+                make, quant_act, npad = partial(_qgemm_vnni, nz=nz), _quantize_act_u8, packed.shape[0] * 16 * nz
                 consts = [relax.const(packed), relax.const(comp), relax.const((sw * sa).astype(np.float32))]
             else:
                 if K % 2:
@@ -330,6 +386,10 @@ def quantize_module(mod, module, plan, target):
     gv = mod.get_global_var("main")
     rw.builder_.update_func(gv, rw.visit_expr(mod["main"]))
     out = relax.transform.DeadCodeElimination()(rw.builder_.get())
+    epilogues = {}
+    if kind == "avx512vnni":
+        vnni = {g: key for key, g in rw.kernels.items()}
+        out, epilogues = fuse_epilogues(out, vnni)
     missing = sorted(set(plan.sites) - set(found))
     if missing:
         raise CrateEdgeError(f"tvm: no matmul with the weight of site(s) {', '.join(missing)} in the imported program")
@@ -338,9 +398,111 @@ def quantize_module(mod, module, plan, target):
         "kernel_isa": kind,
         "sites": found,
         "weight_constants": _const_bytes(out),
+        "epilogues": epilogues,
     }
     summary["input_scales"] = {s: found[s]["activation_scale"] for s in sorted(found)}
     return out, summary
+
+
+def fuse_epilogues(mod, vnni: dict):
+    """Fold what follows a VNNI site GEMM into its write-back (_qgemm_vnni's epilogue):
+    add(R, add(reshape(qgemm(..)), bias)) -> qgemm_residual(.., bias, R), and relu of that ->
+    qgemm_residual_relu: the out map's bias and MSSA's residual add, the folded ISTA's
+    identity path and ReLU. `vnni`: the kernels' GlobalVars -> (K, N). Only where each
+    intermediate has that one use and N fills whole panels. Returns (module, counts)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    op = {n: tvm.ir.Op.get(f"relax.{n}") for n in ("add", "reshape", "call_tir")}
+    op["relu"] = tvm.ir.Op.get("relax.nn.relu")
+    uses: dict = {}  # var -> how many bindings (and the function's result) use it
+    for block in mod["main"].body.blocks:
+        for b in block.bindings:
+            for v in relax.analysis.free_vars(b.value):
+                uses[v] = uses.get(v, 0) + 1
+    for v in relax.analysis.free_vars(mod["main"].body.body):
+        uses[v] = uses.get(v, 0) + 1
+    counts = {e: 0 for e in EPILOGUES if e}
+
+    @mutator
+    class Epilogues(PyExprMutator):
+        def __init__(self, m):
+            super().__init__(m)
+            self.kernels, self.made, self.var, self.old = {}, [], None, {}
+
+        def visit_var_binding_(self, binding):
+            self.var = binding.var  # the binding's own var: how many use the call being visited
+            super().visit_var_binding_(binding)
+            try:
+                new = self.get_var_remap(binding.var.vid)
+            except Exception:
+                new = None
+            if new is not None and not new.same_as(binding.var):
+                self.old[new] = binding.var  # use counts are the input graph's
+
+        def bound(self, e, name):
+            v = self.lookup_binding(e) if isinstance(e, relax.Var) else None
+            return v if isinstance(v, relax.Call) and v.op.same_as(op[name]) else None
+
+        def once(self, v):
+            return uses.get(self.old.get(v, v), 0) == 1
+
+        def site(self, y):
+            """(qgemm call, bias constant) if y = add(reshape(qgemm(..)), bias) with single uses."""
+            b = self.bound(y, "add")
+            if b is None or not self.once(y):
+                return None
+            z, c = b.args if isinstance(b.args[1], tvm.ir.expr.Constant) else b.args[::-1]
+            r = self.bound(z, "reshape")
+            g = None if r is None or not self.once(z) else self.bound(r.args[0], "call_tir")
+            if g is None or not self.once(r.args[0]) or not isinstance(c, tvm.ir.expr.Constant) or g.args[0] not in vnni:
+                return None
+            K, N = vnni[g.args[0]]
+            if len(c.value.shape) != 1 or int(c.value.shape[0]) != N or N % (16 * vnni_panels(N)):
+                return None
+            return g, c, K, N
+
+        def kernel(self, K, N, epilogue):
+            if (K, N, epilogue) not in self.kernels:
+                name = f"qgemm_avx512vnni_k{K}_n{N}_{epilogue}"
+                self.kernels[K, N, epilogue] = self.builder_.add_func(_qgemm_vnni(K, N, name, nz=vnni_panels(N), epilogue=epilogue), name)
+            return self.kernels[K, N, epilogue]
+
+        def emit(self, g, c, R, K, N, epilogue, shape):
+            xq, *consts = g.args[1].fields
+            m = g.args[1].fields[0].ty.shape.values[0]  # rows of the quantized activations
+            r2 = self.builder_.emit(relax.op.reshape(R, relax.ShapeExpr([m, N])))
+            y = self.builder_.emit(relax.call_tir(self.kernel(K, N, epilogue), [xq, *consts, c, r2], relax.TensorType([m, N], "float32")))
+            counts[epilogue] += 1
+            return relax.op.reshape(y, relax.ShapeExpr(shape))
+
+        def visit_call_(self, call):
+            outer = self.var
+            call = self.visit_expr_post_order(call)
+            if not isinstance(call.op, tvm.ir.Op):
+                return call
+            if call.op.same_as(op["add"]):
+                for y, R in (call.args, call.args[::-1]):
+                    m = self.site(y)
+                    shape = list(y.ty.shape.values) if m is not None else None
+                    if m is not None and isinstance(R, relax.Var) and list(R.ty.shape.values) == shape and R.ty.dtype == "float32":
+                        g, c, K, N = m
+                        out = self.emit(g, c, R, K, N, "residual", shape)
+                        self.made.append((out, (g, c, R, K, N), self.once(outer)))
+                        return out
+            if call.op.same_as(op["relu"]):
+                v = self.lookup_binding(call.args[0]) if isinstance(call.args[0], relax.Var) else None
+                for out, (g, c, R, K, N), single in self.made:
+                    if v is not None and v.same_as(out) and single:
+                        counts["residual"] -= 1  # that kernel call is now dead (DeadCodeElimination)
+                        return self.emit(g, c, R, K, N, "residual_relu", list(call.args[0].ty.shape.values))
+            return call
+
+    rw = Epilogues(mod)
+    gv = mod.get_global_var("main")
+    rw.builder_.update_func(gv, rw.visit_expr(mod["main"]))
+    return relax.transform.DeadCodeElimination()(rw.builder_.get()), counts
 
 
 def _const_bytes(mod) -> dict[str, int]:
