@@ -66,8 +66,10 @@ def test_manifest_precision_and_quantization_block(model, art):
     if be["kernel_isa"] == "avx512vnni":
         # each layer's out map takes its bias and the residual add, each ISTA GEMM its identity path and ReLU
         assert be["epilogues"] == {"residual": model.cfg.depth, "residual_relu": model.cfg.depth}
+        # both LayerNorms of each layer (and the patch and head ones) write the u8 activations themselves
+        assert be["layernorm_quantize_fused"] >= 2 * model.cfg.depth
     else:
-        assert be["epilogues"] == {}
+        assert be["epilogues"] == {} and be["layernorm_quantize_fused"] == 0
 
 
 def test_library_embeds_int8_weights_not_float_ones(model, art):
@@ -209,6 +211,32 @@ def test_vnni_kernel_is_exact_and_chosen_by_the_cpu():
         ek(*(tvm.runtime.tensor(v, dev) for v in (au8.numpy(), packed, comp, sp, bias, res)), out)
         np.testing.assert_allclose(out.numpy(), want, rtol=1e-6, atol=1e-5)
     assert (out.numpy() == 0).any()  # the ReLU did something
+
+
+def test_layernorm_quantize_kernel_matches_numpy():
+    """The fused LayerNorm + u8 quantizer (VNNI targets): its float output against numpy, its u8
+    output exactly what _quantize_act_u8 makes of that float (9 rows: a partial row block; K = 48
+    pads Q to 48, K = 40 is refused by the rewrite, not the kernel)."""
+    import tvm
+
+    from crate_edge.backends import tvm as tb
+
+    tgt = tb.make_target({"kind": "llvm"}, "native")
+    if tb.kernel_for(tgt) != "avx512vnni":
+        pytest.skip("this CPU has no AVX-512 VNNI")
+    m, K, sa = 9, 48, 0.02
+    lib = tvm.compile(tvm.IRModule({"main": tb.quant._layernorm_quant(K, 1e-5, sa, "main")}), target=tgt)
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((m, K)) * 3 + 1).astype(np.float32)
+    g, b = rng.standard_normal(K).astype(np.float32), rng.standard_normal(K).astype(np.float32)
+    dev = tvm.cpu()
+    y = tvm.runtime.tensor(np.full((m, K), np.nan, np.float32), dev)
+    q = tvm.runtime.tensor(np.zeros((m, K), np.uint8), dev)
+    lib(*(tvm.runtime.tensor(v, dev) for v in (x, g, b)), y, q)
+    want = (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(1, keepdims=True) + 1e-5) * g + b
+    np.testing.assert_allclose(y.numpy(), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(q.numpy(), np.clip(np.rint(y.numpy() / np.float32(sa)), -127, 127) + 128)
+    assert (q.numpy() == 1).any() and (q.numpy() == 255).any()  # clipped at both ends
 
 
 def test_unimplemented_schemes_and_targets_refuse(model, tmp_path):

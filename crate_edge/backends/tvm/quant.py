@@ -223,6 +223,77 @@ def _qgemm_vnni(K: int, N: int, name: str, mr: int = VMR, nz: int = VNZ, epilogu
     return qgemm_epilogue if epilogue else qgemm
 
 
+def _layernorm_quant(K: int, eps: float, scale: float, name: str):
+    """TIR (AVX-512): LayerNorm over the last axis fused with the VNNI activation quantizer.
+    X [m, K] -> Y [m, K] = (x - mean) / sqrt(var + eps) * gamma + beta (float32, for any other
+    user) and Q [m, KP] u8 = clip(round(Y / scale), -127, 127) + 128 as _quantize_act_u8 (padding
+    128), one pass per row held in registers. K a multiple of 16."""
+    from tvm.script import tirx as T
+
+    NV, KP = K // 16, (K + 3) // 4 * 4
+    inv, e = 1.0 / scale, float(eps)
+    LNR = 8  # rows per parallel task
+
+    @T.macro
+    def total(red):
+        for k in range(1, 16):
+            red[0] = red[0] + red[k]
+
+    @T.macro
+    def row(X, Y, Q, gamma, beta, red, st, i):
+        red[T.ramp(0, 1, 16)] = X.vload([i, 0], "float32x16")
+        for c in range(1, NV):
+            red[T.ramp(0, 1, 16)] = red[T.ramp(0, 1, 16)] + X.vload([i, c * 16], "float32x16")
+        total(red)
+        st[0] = red[0] / T.float32(K)
+        red[T.ramp(0, 1, 16)] = T.broadcast(T.float32(0), 16)
+        for c in range(NV):
+            red[T.ramp(0, 1, 16)] = red[T.ramp(0, 1, 16)] + (X.vload([i, c * 16], "float32x16") - T.broadcast(st[0], 16)) * (
+                X.vload([i, c * 16], "float32x16") - T.broadcast(st[0], 16)
+            )
+        total(red)
+        st[1] = T.float32(1) / T.sqrt(red[0] / T.float32(K) + T.float32(e))
+        for c in range(NV):
+            Y[i, T.ramp(c * 16, 1, 16)] = (X.vload([i, c * 16], "float32x16") - T.broadcast(st[0], 16)) * T.broadcast(
+                st[1], 16
+            ) * gamma.vload([c * 16], "float32x16") + beta.vload([c * 16], "float32x16")
+            Q[i, T.ramp(c * 16, 1, 16)] = T.cast(
+                T.cast(
+                    T.max(
+                        T.min(
+                            T.round(Y.vload([i, c * 16], "float32x16") * T.broadcast(T.float32(inv), 16)), T.broadcast(T.float32(127), 16)
+                        ),
+                        T.broadcast(T.float32(-127), 16),
+                    ),
+                    "int32x16",
+                )
+                + T.broadcast(T.int32(128), 16),
+                "uint8x16",
+            )
+        for j in range(KP - K):
+            Q[i, K + j] = T.uint8(128)
+
+    @T.prim_func(s_tir=True)
+    def lnq(x: T.handle, gamma: T.Buffer((K,), "float32"), beta: T.Buffer((K,), "float32"), y: T.handle, q: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "global_symbol": name, HANDWRITTEN: True})
+        m = T.int64()
+        X = T.match_buffer(x, (m, K), "float32")
+        Y = T.match_buffer(y, (m, K), "float32")
+        Q = T.match_buffer(q, (m, KP), "uint8")
+        with T.sblock("root"):
+            with T.sblock("layernorm_quant"):
+                T.reads(X[0:m, 0:K], gamma[0:K], beta[0:K])
+                T.writes(Y[0:m, 0:K], Q[0:m, 0:KP])
+                for t in T.parallel((m + LNR - 1) // LNR):  # row blocks: the scratch buffers once per task
+                    red = T.alloc_buffer((16,), "float32")
+                    st = T.alloc_buffer((2,), "float32")  # mean, 1 / std
+                    for r in range(LNR):
+                        if t * LNR + r < m:
+                            row(X, Y, Q, gamma, beta, red, st, t * LNR + r)
+
+    return lnq
+
+
 def _quantize_act_u8(x, scale: float):
     """te: float32 [m, K] -> uint8 [m, ceil(K/4)*4]: round(x / scale) clipped to [-127, 127],
     plus 128 (the VNNI kernel's unsigned operand); padding columns hold 128 (zero)."""
@@ -328,6 +399,8 @@ def quantize_module(mod, module, plan, target):
         w = module.get_submodule(path).weight.detach().float().contiguous().numpy()
         by_hash.setdefault(w.tobytes(), []).append(site)
     matmul, permute = tvm.ir.Op.get("relax.matmul"), tvm.ir.Op.get("relax.permute_dims")
+    layer_norm = tvm.ir.Op.get("relax.nn.layer_norm")
+    fused_ln = [0]
     per_channel = qc.weights == "per_channel"
     found: dict[str, dict] = {}
 
@@ -335,7 +408,41 @@ def quantize_module(mod, module, plan, target):
     class Rewriter(PyExprMutator):
         def __init__(self, m):
             super().__init__(m)
-            self.kernels = {}
+            self.kernels, self.replace = {}, {}
+
+        # use sites: a LayerNorm fused with its quantizer is read from the fused kernel's float output
+        def visit_var_(self, var):
+            new = super().visit_var_(var)
+            return self.replace.get(new, new)
+
+        def visit_dataflow_var_(self, var):
+            new = super().visit_dataflow_var_(var)
+            return self.replace.get(new, new)
+
+        def layernorm_quant(self, x, x2, sa, K, m):
+            """The u8 activations of x2 = reshape(x, [m, K]) from one fused LayerNorm kernel where
+            x = layer_norm(..) over the last axis on a VNNI target (the LayerNorm's other users
+            are remapped to its float output), else None."""
+            ln = self.lookup_binding(x) if isinstance(x, relax.Var) else None
+            if kind != "avx512vnni" or K % 16 or not (isinstance(ln, relax.Call) and ln.op.same_as(layer_norm)):
+                return None
+            a, (data, g, b) = ln.attrs, ln.args
+            nd = len(x.ty.shape.values)
+            if [int(v) % nd for v in a.axes] != [nd - 1] or not (a.center and a.scale):
+                return None
+            if not all(isinstance(t, tvm.ir.expr.Constant) and tuple(t.value.shape) == (K,) for t in (g, b)):
+                return None
+            key = ("layernorm_quant", K, float(a.epsilon), sa)
+            if key not in self.kernels:
+                fname = f"layernorm_quant_k{K}"
+                self.kernels[key] = self.builder_.add_func(_layernorm_quant(K, float(a.epsilon), sa, fname), fname)
+            d2 = self.builder_.emit(relax.op.reshape(data, relax.ShapeExpr([m, K])))
+            outs = [relax.TensorType([m, K], "float32"), relax.TensorType([m, (K + 3) // 4 * 4], "uint8")]
+            yq = self.builder_.emit(relax.call_tir(self.kernels[key], [d2, g, b], outs))
+            y = self.builder_.emit(relax.op.reshape(self.builder_.emit(relax.TupleGetItem(yq, 0)), x.ty.shape))
+            self.replace[x] = y
+            fused_ln[0] += 1
+            return self.builder_.emit(relax.TupleGetItem(yq, 1))
 
         def visit_call_(self, call):
             call = self.visit_expr_post_order(call)
@@ -375,7 +482,9 @@ def quantize_module(mod, module, plan, target):
             for d in lead[1:]:
                 m = m * d
             x2 = self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([m, K])))
-            xq = self.builder_.emit(self.builder_.call_te(quant_act, x2, sa, primfunc_name_hint="quantize_act"))
+            xq = self.layernorm_quant(x, x2, sa, K, m)
+            if xq is None:
+                xq = self.builder_.emit(self.builder_.call_te(quant_act, x2, sa, primfunc_name_hint="quantize_act"))
             y = self.builder_.emit(relax.call_tir(self.kernels[key], [xq, *consts], relax.TensorType([m, npad], "float32")))
             if npad != N:
                 y = self.builder_.emit(relax.op.strided_slice(y, axes=[1], begin=[0], end=[N]))
@@ -399,6 +508,7 @@ def quantize_module(mod, module, plan, target):
         "sites": found,
         "weight_constants": _const_bytes(out),
         "epilogues": epilogues,
+        "layernorm_quantize_fused": fused_ln[0],
     }
     summary["input_scales"] = {s: found[s]["activation_scale"] for s in sorted(found)}
     return out, summary
@@ -434,12 +544,17 @@ def fuse_epilogues(mod, vnni: dict):
         def visit_var_binding_(self, binding):
             self.var = binding.var  # the binding's own var: how many use the call being visited
             super().visit_var_binding_(binding)
-            try:
-                new = self.get_var_remap(binding.var.vid)
-            except Exception:
-                new = None
-            if new is not None and not new.same_as(binding.var):
-                self.old[new] = binding.var  # use counts are the input graph's
+
+        # use sites: the input graph's var behind each new one (use counts are the input graph's)
+        def visit_var_(self, var):
+            new = super().visit_var_(var)
+            self.old[new] = var
+            return new
+
+        def visit_dataflow_var_(self, var):
+            new = super().visit_dataflow_var_(var)
+            self.old[new] = var
+            return new
 
         def bound(self, e, name):
             v = self.lookup_binding(e) if isinstance(e, relax.Var) else None
