@@ -28,6 +28,11 @@ from .schedule import HANDWRITTEN
 # Where the target CPU has AVX-512 VNNI (kernel_for), the same quantization runs on vpdpbusd
 # instead: activations + 128 as u8 quads, weights as [N/NR, K/4, NR columns x 4 k], and the +128
 # undone by subtracting 128 * each column's weight sum from the int32 tile (_qgemm_vnni).
+# On VNNI targets two fusions follow (the kernels are opaque to TVM's FuseOps, so it cannot):
+# fuse_epilogues folds the out map's bias + MSSA's residual add, and the folded ISTA's identity
+# path + ReLU, into the GEMM's write-back; a LayerNorm that feeds a site becomes
+# _layernorm_quant, which writes the site's u8 activations beside its float output. CRATE-Tiny
+# b1 t2 on Zen 4: 8.1 -> 7.5 ms (epilogues), then about 5 us per LayerNorm.
 
 QUANT_SCHEMES = {"int8": "int8 weights (per channel) x int8 activations (per tensor, static) -> int32"}
 KERNELS = {  # by what the target CPU has (its isa level), best first
