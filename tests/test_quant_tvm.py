@@ -68,8 +68,10 @@ def test_manifest_precision_and_quantization_block(model, art):
         assert be["epilogues"] == {"residual": model.cfg.depth, "residual_relu": model.cfg.depth}
         # both LayerNorms of each layer (and the patch and head ones) write the u8 activations themselves
         assert be["layernorm_quantize_fused"] >= 2 * model.cfg.depth
+        # each layer's int8 attention writes its out map's u8 activations
+        assert be["attention_quantize_fused"] == model.cfg.depth
     else:
-        assert be["epilogues"] == {} and be["layernorm_quantize_fused"] == 0
+        assert be["epilogues"] == {} and be["layernorm_quantize_fused"] == be["attention_quantize_fused"] == 0
 
 
 def test_library_embeds_int8_weights_not_float_ones(model, art):

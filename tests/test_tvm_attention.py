@@ -204,3 +204,19 @@ def test_int8_attention_is_refused_by_backends_that_do_not_take_it(ref, tmp_path
     with pytest.raises(CrateEdgeError, match='quantize.attention = "int8" is not supported by backend onnxruntime'):
         compile(ref, _int8_target(tmp_path, backend="onnxruntime"), out=tmp_path / "o", parity_limit=20, **QUIET)
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: the int8 attention kernel cannot run here")
+def test_int8_kernel_writes_the_next_sites_u8_activations():
+    # out_scale: the same output, quantized as quant.py's activation quantizer would (q + 128)
+    B, N, H, D, sa = 2, 37, 2, 32, 0.01
+    tgt = make_target({"kind": "llvm"}, "native")
+    x = np.random.default_rng(5).standard_normal((B, N, H, D)).astype(np.float32)
+    got, _, ops = _run_int8(B, N, H, D, D**-0.5, x)
+    aq = tvm.compile(tvm.IRModule({"main": att.mssa_attention_int8(N, H, D, D**-0.5, "main", out_scale=sa)}), target=tgt)
+    dev = tvm.cpu()
+    q = tvm.runtime.tensor(np.zeros((B, N, H, D), np.uint8), dev)
+    aq(*(tvm.runtime.tensor(t, dev) for t in ops), q)
+    want = np.clip(np.rint(got * np.float32(1 / sa)), -127, 127) + 128
+    assert np.abs(q.numpy().astype(int) - want).max() <= 1 and (q.numpy() == want).mean() > 0.999
+    assert (q.numpy() == 1).any() or (q.numpy() == 255).any() or np.abs(got).max() < 127 * sa

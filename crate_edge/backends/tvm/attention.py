@@ -274,12 +274,28 @@ def quantize_heads(N: int, H: int, D: int, NR: int, name: str):
     return quant
 
 
-def mssa_attention_int8(N: int, H: int, D: int, scale: float, name: str, MR: int = IMR, NZ: int = INZ):
+ATTENTION_INT8 = "crate_edge.mssa_attention_int8"  # PrimFunc attribute: its N, H, D, scale (quant.py re-emits it)
+
+
+def mssa_attention_int8(N: int, H: int, D: int, scale: float, name: str, MR: int = IMR, NZ: int = INZ, out_scale: float | None = None):
     """TIR, AVX-512 VNNI: O[b, :, h, :] = softmax(w_h w_hᵀ * scale) w_h from quantize_heads'
-    operands (the int8 note above), D a multiple of 16. Tiles and tasks as mssa_attention."""
+    operands (the int8 note above), D a multiple of 16. Tiles and tasks as mssa_attention.
+    out_scale: write O as the next site's u8 activations instead, clip(round(o / out_scale),
+    -127, 127) + 128 (quant.py, when the out map is an int8 site: one pass fewer)."""
     from tvm.script import tirx as T
 
     from .quant import VNNI
+
+    odt = "float32" if out_scale is None else "uint8"
+
+    def store(v):
+        if out_scale is None:
+            return v
+        q = T.max(
+            T.min(T.round(v * T.broadcast(T.float32(1.0 / out_scale), 16)), T.broadcast(T.float32(127), 16)),
+            T.broadcast(T.float32(-127), 16),
+        )
+        return T.cast(T.cast(q, "int32x16") + T.broadcast(T.int32(128), 16), "uint8x16")
 
     VZ = IVZ if D % (16 * IVZ) == 0 else 1
     NR, NV = 16 * NZ, 16 * VZ
@@ -354,7 +370,7 @@ def mssa_attention_int8(N: int, H: int, D: int, scale: float, name: str, MR: int
                         )
             for r in T.unroll(rows):
                 for z in T.unroll(VZ):
-                    O[bb, i0 + r, hh, T.ramp(q * NV + z * 16, 1, 16)] = (
+                    O[bb, i0 + r, hh, T.ramp(q * NV + z * 16, 1, 16)] = store(
                         T.cast(acc[T.ramp(r * NV + z * 16, 1, 16)], "float32x16")
                         * VS.vload([bb, hh, q * NV + z * 16], "float32x16")
                         * T.broadcast(red[32 + r], 16)
@@ -362,7 +378,15 @@ def mssa_attention_int8(N: int, H: int, D: int, scale: float, name: str, MR: int
 
     @T.prim_func(s_tir=True)
     def attn(u: T.handle, a: T.handle, kq: T.handle, cs: T.handle, vq: T.handle, vs: T.handle, o: T.handle):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "global_symbol": name, HANDWRITTEN: True})
+        T.func_attr(
+            {
+                "tir.noalias": True,
+                "tirx.is_scheduled": True,
+                "global_symbol": name,
+                HANDWRITTEN: True,
+                ATTENTION_INT8: f"{N} {H} {D} {scale!r}",
+            }
+        )
         b = T.int64()
         U = T.match_buffer(u, (b, H, N, D), "uint8")
         A = T.match_buffer(a, (b, H, NPAD), "float32")
@@ -370,7 +394,7 @@ def mssa_attention_int8(N: int, H: int, D: int, scale: float, name: str, MR: int
         CS = T.match_buffer(cs, (b, H, NPAD), "int32")
         VQ = T.match_buffer(vq, (b, H, N4, D), "int32")
         VS = T.match_buffer(vs, (b, H, D), "float32")
-        O = T.match_buffer(o, (b, N, H, D), "float32")
+        O = T.match_buffer(o, (b, N, H, D), odt)
         with T.sblock("root"):
             with T.sblock("mssa_attention_int8"):
                 T.reads(

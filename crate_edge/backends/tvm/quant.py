@@ -405,7 +405,8 @@ def quantize_module(mod, module, plan, target):
         by_hash.setdefault(w.tobytes(), []).append(site)
     matmul, permute = tvm.ir.Op.get("relax.matmul"), tvm.ir.Op.get("relax.permute_dims")
     layer_norm = tvm.ir.Op.get("relax.nn.layer_norm")
-    fused_ln = [0]
+    reshape, call_tir = tvm.ir.Op.get("relax.reshape"), tvm.ir.Op.get("relax.call_tir")
+    fused_ln, fused_att = [0], [0]
     per_channel = qc.weights == "per_channel"
     found: dict[str, dict] = {}
 
@@ -414,6 +415,33 @@ def quantize_module(mod, module, plan, target):
         def __init__(self, m):
             super().__init__(m)
             self.kernels, self.replace = {}, {}
+
+        def attention_quant(self, x, sa, K, m):
+            """The u8 activations of x = reshape(mssa_attention_int8(..)) written by the attention
+            kernel itself (its out_scale) on a VNNI target, else None."""
+            from .attention import ATTENTION_INT8, mssa_attention_int8
+
+            r = self.lookup_binding(x) if isinstance(x, relax.Var) else None
+            if kind != "avx512vnni" or not (isinstance(r, relax.Call) and r.op.same_as(reshape)):
+                return None
+            a = self.lookup_binding(r.args[0]) if isinstance(r.args[0], relax.Var) else None
+            if not (isinstance(a, relax.Call) and a.op.same_as(call_tir)):
+                return None
+            attrs = self.builder_.get()[a.args[0]].attrs
+            if attrs is None or ATTENTION_INT8 not in attrs:
+                return None
+            N, H, D, scale = str(attrs[ATTENTION_INT8]).split()
+            key = ("attention_quant", N, H, D, scale, sa)
+            if key not in self.kernels:
+                fname = f"mssa_attention_int8_n{N}_h{H}_d{D}_quant"
+                f = mssa_attention_int8(int(N), int(H), int(D), float(scale), fname, out_scale=sa)
+                self.kernels[key] = self.builder_.add_func(f, fname)
+            shape = list(a.args[1].fields[0].ty.shape.values)  # U [b, H, N, D]
+            o = self.builder_.emit(
+                relax.call_tir(self.kernels[key], list(a.args[1].fields), relax.TensorType([shape[0], int(N), int(H), int(D)], "uint8"))
+            )
+            fused_att[0] += 1
+            return self.builder_.emit(relax.op.reshape(o, relax.ShapeExpr([m, K])))
 
         # use sites: a LayerNorm fused with its quantizer is read from the fused kernel's float output
         def visit_var_(self, var):
@@ -489,6 +517,8 @@ def quantize_module(mod, module, plan, target):
             x2 = self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([m, K])))
             xq = self.layernorm_quant(x, x2, sa, K, m)
             if xq is None:
+                xq = self.attention_quant(x, sa, K, m)
+            if xq is None:
                 xq = self.builder_.emit(self.builder_.call_te(quant_act, x2, sa, primfunc_name_hint="quantize_act"))
             y = self.builder_.emit(relax.call_tir(self.kernels[key], [xq, *consts], relax.TensorType([m, npad], "float32")))
             if npad != N:
@@ -514,6 +544,7 @@ def quantize_module(mod, module, plan, target):
         "weight_constants": _const_bytes(out),
         "epilogues": epilogues,
         "layernorm_quantize_fused": fused_ln[0],
+        "attention_quantize_fused": fused_att[0],
     }
     summary["input_scales"] = {s: found[s]["activation_scale"] for s in sorted(found)}
     return out, summary
