@@ -13,6 +13,7 @@ and its product with V. q = k = v is what lets one input serve all three.
 from __future__ import annotations
 
 from .schedule import HANDWRITTEN, gemm_tile
+from .target import VNNI, kernel_for
 
 ATT_RB = 4  # micro tiles per parallel task (28 rows with 7-row tiles: 8 tasks per head at 197 tokens)
 NEG = -3.0e38  # scores of the padding columns: exp gives exactly 0 (fast_exp clamps, 2^-127 -> 0)
@@ -284,8 +285,6 @@ def mssa_attention_int8(N: int, H: int, D: int, scale: float, name: str, MR: int
     -127, 127) + 128 (quant.py, when the out map is an int8 site: one pass fewer)."""
     from tvm.script import tirx as T
 
-    from .quant import VNNI
-
     odt = "float32" if out_scale is None else "uint8"
 
     def store(v):
@@ -437,8 +436,6 @@ def kernel_shape(D: int, target) -> tuple[int, int, int, int, int] | None:
 
 def int8_attention(D: int, target) -> str | None:
     """Why the int8 attention kernel cannot serve heads of width D on this target, or None."""
-    from .quant import kernel_for
-
     if kernel_for(target) != "avx512vnni":
         return "the int8 attention kernel needs AVX-512 VNNI, which this target's CPU level lacks"
     if D % 16:

@@ -9,7 +9,9 @@ import numpy as np
 
 from ...calibration import calibrate
 from ...errors import CrateEdgeError
+from .attention import ATTENTION_INT8, mssa_attention_int8
 from .schedule import HANDWRITTEN
+from .target import KERNELS, VNNI, kernel_for
 
 # [quantize] scheme = "int8" on the llvm target: the plan's site GEMMs (crate_edge.quantize
 # policy) become int8 x int8 -> int32 GEMMs; everything else stays in the fp32 pipeline (lower.py).
@@ -35,21 +37,6 @@ from .schedule import HANDWRITTEN
 # b1 t2 on Zen 4: 8.1 -> 7.5 ms (epilogues), then about 5 us per LayerNorm.
 
 QUANT_SCHEMES = {"int8": "int8 weights (per channel) x int8 activations (per tensor, static) -> int32"}
-KERNELS = {  # by what the target CPU has (its isa level), best first
-    "avx512vnni": "AVX-512 VNNI vpdpbusd (u8 x s8 -> s32, 64 products per instruction)",
-    "avx2": "AVX2 vpmaddwd (int16 pairs -> s32, 16 products per instruction)",
-}
-
-
-def kernel_for(target) -> str:
-    """The int8 GEMM kernel the target CPU can run: VNNI where it has AVX-512 VNNI, else AVX2."""
-    from tvm.target import codegen
-
-    if all(codegen.target_has_features(f, target) for f in ("avx512f", "avx512bw", "avx512vnni")):
-        return "avx512vnni"
-    return "avx2"
-
-
 QMR, QRB = 6, 16  # int8 micro-kernel rows, micro-kernels per parallel row block
 
 
@@ -118,9 +105,6 @@ def vnni_panels(N: int) -> int:
     """zmm per micro-kernel row for N output columns: VNZ, or fewer where that fills whole panels
     (N = 128: 2, no padded columns, so the epilogue can fuse)."""
     return next((nz for nz in (VNZ, 2, 1) if N % (16 * nz) == 0), VNZ)
-
-
-VNNI = "llvm.x86.avx512.vpdpbusd.512"
 
 
 EPILOGUES = ("", "residual", "residual_relu")  # what a VNNI GEMM adds to its dequantized tile
@@ -419,8 +403,6 @@ def quantize_module(mod, module, plan, target):
         def attention_quant(self, x, sa, K, m):
             """The u8 activations of x = reshape(mssa_attention_int8(..)) written by the attention
             kernel itself (its out_scale) on a VNNI target, else None."""
-            from .attention import ATTENTION_INT8, mssa_attention_int8
-
             r = self.lookup_binding(x) if isinstance(x, relax.Var) else None
             if kind != "avx512vnni" or not (isinstance(r, relax.Call) and r.op.same_as(reshape)):
                 return None

@@ -73,3 +73,21 @@ def make_target(spec, isa: str = "native"):
         return tvm.target.Target(spec, host=host) if host else tvm.target.Target(spec)
     except Exception as e:  # TVM's message names the bad key
         raise CrateEdgeError(f"tvm: invalid target {spec}: {str(e).splitlines()[0]}") from None
+
+
+KERNELS = {  # the int8 kernels by what the target CPU has (its isa level), best first (quant.py, attention.py)
+    "avx512vnni": "AVX-512 VNNI vpdpbusd (u8 x s8 -> s32, 64 products per instruction)",
+    "avx2": "AVX2 vpmaddwd (int16 pairs -> s32, 16 products per instruction)",
+}
+
+
+def kernel_for(target) -> str:
+    """The int8 GEMM kernel the target CPU can run: VNNI where it has AVX-512 VNNI, else AVX2."""
+    from tvm.target import codegen
+
+    if all(codegen.target_has_features(f, target) for f in ("avx512f", "avx512bw", "avx512vnni")):
+        return "avx512vnni"
+    return "avx2"
+
+
+VNNI = "llvm.x86.avx512.vpdpbusd.512"  # the LLVM intrinsic of vpdpbusd on zmm
