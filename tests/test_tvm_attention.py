@@ -107,14 +107,12 @@ VNNI = {"avx512f", "avx512bw", "avx512_vnni"} <= isa_mod.host_flags()
 def _run_int8(B, N, H, D, scale, x=None):
     tgt = make_target({"kind": "llvm"}, "native")
     NR = 16 * att.INZ
-    NP = (N + NR - 1) // NR
     qh = tvm.compile(tvm.IRModule({"main": att.quantize_heads(N, H, D, NR, "main")}), target=tgt)
     at = tvm.compile(tvm.IRModule({"main": att.mssa_attention_int8(N, H, D, scale, "main")}), target=tgt)
     if x is None:
         x = np.random.default_rng(N + D).standard_normal((B, N, H, D)).astype(np.float32) * 2
     dev = tvm.cpu()
-    shapes = [((B, H, N, D), "uint8"), ((B, H, NP * NR), "float32"), ((B, H, NP, D // 4, NR), "int32")]
-    shapes += [((B, H, NP * NR), "int32"), ((B, H, (N + 3) // 4, D), "int32"), ((B, H, D), "float32")]
+    shapes = [((B, *dims), dt) for dims, dt in att.int8_operands(N, H, D)]
     # garbage where the quantizer must write (its padding included), so nothing is assumed zero
     ops = [tvm.runtime.tensor(np.full(s, 7, d), dev) for s, d in shapes]
     o = tvm.runtime.tensor(np.full((B, N, H, D), np.nan, np.float32), dev)

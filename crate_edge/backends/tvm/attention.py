@@ -178,6 +178,21 @@ def mssa_attention(N: int, H: int, D: int, scale: float, name: str, MR: int, NR:
 IMR, INZ, IVZ = 6, 2, 2  # rows per tile, zmm per score row (32 keys), zmm per output row (32 columns): 768 B of accumulators each
 
 
+def int8_operands(N: int, H: int, D: int, NR: int = 16 * INZ) -> list[tuple[tuple[int, ...], str]]:
+    """(shape after the batch axis, dtype) of quantize_heads' outputs, mssa_attention_int8's
+    inputs, in order: U, A, KQ, CS, VQ, VS (the two kernels' buffers declare the same)."""
+    NP = (N + NR - 1) // NR
+    NPAD, N4 = NP * NR, (N + 3) // 4
+    return [
+        ((H, N, D), "uint8"),
+        ((H, NPAD), "float32"),
+        ((H, NP, D // 4, NR), "int32"),
+        ((H, NPAD), "int32"),
+        ((H, N4, D), "int32"),
+        ((H, D), "float32"),
+    ]
+
+
 def quantize_heads(N: int, H: int, D: int, NR: int, name: str):
     """TIR: X [B, N, H, D] -> the int8 attention kernel's operands, per (batch, head):
     U [B, H, N, D] u8 (q + 128), A [B, H, NPAD] row scales, KQ [B, H, NP, D/4, NR*4] s8 keys,
@@ -543,16 +558,7 @@ def fuse_attention(mod, target, precision: str = "float"):
                 at = self.builder_.add_func(mssa_attention_int8(N, H, D, scale, f"mssa_attention_int8_{tag}"), f"mssa_attention_int8_{tag}")
                 self.kernels[key] = qh, at
             qh, at = self.kernels[key]
-            b, NP = shape[0], (N + NR - 1) // NR
-            NPAD, N4 = NP * NR, (N + 3) // 4
-            outs = [
-                relax.TensorType([b, H, N, D], "uint8"),
-                relax.TensorType([b, H, NPAD], "float32"),
-                relax.TensorType([b, H, NP, D // 4, NR], "int32"),
-                relax.TensorType([b, H, NPAD], "int32"),
-                relax.TensorType([b, H, N4, D], "int32"),
-                relax.TensorType([b, H, D], "float32"),
-            ]
+            outs = [relax.TensorType([shape[0], *dims], dt) for dims, dt in int8_operands(N, H, D, NR)]
             q = self.builder_.emit(relax.call_tir(qh, [x], outs))
             ops = [self.builder_.emit(relax.TupleGetItem(q, i)) for i in range(len(outs))]
             return relax.call_tir(at, ops, relax.TensorType(shape, "float32"))
