@@ -514,9 +514,8 @@ def quantize_module(mod, module, plan, target):
     out = relax.transform.DeadCodeElimination()(rw.builder_.get())
     epilogues = {}
     if kind == "avx512vnni":
-        vnni = {
-            g: key for key, g in rw.kernels.items() if len(key) == 2
-        }  # the GEMMs, keyed (K, N); not the fused LayerNorm or attention kernels
+        # the GEMMs, keyed (K, N); not the fused LayerNorm or attention kernels
+        vnni = {g: key for key, g in rw.kernels.items() if len(key) == 2}
         out, epilogues = fuse_epilogues(out, vnni)
     missing = sorted(set(plan.sites) - set(found))
     if missing:
