@@ -40,7 +40,7 @@ from bench.table import gemm_ceilings, gemm_flops  # noqa: E402
 from crate_edge.compiler import compile_each  # noqa: E402
 from crate_edge.host import host_info  # noqa: E402
 from crate_edge.metrics import logit_parity  # noqa: E402
-from crate_edge.quantize import QuantConfig, calibration_images  # noqa: E402
+from crate_edge.quantize import INT8_ATTENTION, QuantConfig, calibration_images  # noqa: E402
 from crate_edge.targets import load_target  # noqa: E402
 
 PAIRS = [("executorch", "executorch-int8"), ("onnxruntime", "onnxruntime-int8"), ("tvm", "tvm-int8")]
@@ -75,7 +75,7 @@ def floor_of(name: str, precision: str | None, int8_attention: bool = False) -> 
 
 def int8_attention(manifest: dict) -> bool:
     """Whether an artifact's attention products ran in int8 (its precision map says so)."""
-    return "attention_products" in (manifest.get("precision") or {}).get("detail", {})
+    return INT8_ATTENTION in (manifest.get("precision") or {}).get("detail", {})
 
 
 def main():
@@ -143,8 +143,8 @@ def main():
     med_rev = {k: float(np.median(v)) for k, v in runs[1].items()}
     contenders = {}
     for k in fns:
-        a8 = k in att8 or (k.startswith("openvino") and "int8" in k)  # NNCF quantizes the attention products too
-        fk = floor_of(k, precision.get(k), a8)
+        fk = floor_of(k, precision.get(k), k in att8)
+        a8 = fk == "int8_everything"  # its attention products are int8 too (NNCF's, or att8)
         fm = floor_ms.get(fk)
         policy = floor_ms.get("int8_crate_policy") if "int8" in k else None
         contenders[k] = {

@@ -158,7 +158,7 @@ def compile(
             "probe": probe,
             "precision": comp.precision,
             "rewrites": names,
-            "quantization": plan.manifest() if plan is not None else None,
+            "quantization": plan.manifest(comp.precision) if plan is not None else None,
             "requires": isa.requirement(comp.isa, comp.isa_extra),
             "verified": comp.verified,
             "not_verified": comp.not_verified,

@@ -50,6 +50,9 @@ KEEP_FLOAT = (
     "ista_threshold_relu",
     "ista_identity_path (ista = update)",
 )
+# the precision map's detail key by which an artifact says its attention products ran in int8
+# ([quantize] attention = "int8" where the backend's kernel could run)
+INT8_ATTENTION = "attention_products"
 
 
 @dataclass
@@ -123,9 +126,12 @@ class QuantPlan:
     calibration_record: dict[str, Any] | None = None
     ranges: Any = None
 
-    def manifest(self) -> dict[str, Any]:
+    def manifest(self, precision: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The manifest's quantization block; `precision` (the artifact's precision map) says
+        whether the attention products ran in int8, which only then leave keep_float."""
         cal = self.calibration_record or {"spec": self.config.calibration_data, "split": "train", "images": int(len(self.calibration))}
-        keep = [k for k in KEEP_FLOAT if not (k.startswith("attention_products") and self.config.attention == "int8")]
+        att8 = INT8_ATTENTION in (precision or {}).get("detail", {})
+        keep = [k for k in KEEP_FLOAT if not (att8 and k.startswith("attention_products"))]
         out = {"config": self.config.to_dict(), "sites": sorted(self.sites), "keep_float": keep, "calibration": dict(cal)}
         if self.ranges is not None:
             out["ranges"] = self.ranges.record()

@@ -196,6 +196,7 @@ def test_int8_attention_falls_back_to_float32_without_vnni_and_says_so(emb, tmp_
     info = art.manifest["backend"]["attention"]
     assert info["precision"] == {"float32": emb.cfg.depth} and "AVX-512 VNNI" in info["int8_refused"]
     assert "attention_products" not in art.manifest["precision"]["detail"]
+    assert "attention_products_w_wT_and_A_w" in art.manifest["quantization"]["keep_float"]  # it did stay float
 
 
 def test_int8_attention_is_refused_by_backends_that_do_not_take_it(ref, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ... import isa
 from ...errors import BackendUnavailable, CrateEdgeError
+from ...quantize import INT8_ATTENTION
 from ...runtimes import TVM_LIBRARY, tvm_vm_runner
 from ..base import Availability, Backend, Capabilities, Compiled, device_of, precision_map
 from .attention import fuse_attention
@@ -144,7 +145,7 @@ class TVMBackend(Backend):
             verified["execution"] = f"TVM Relax VM ({device}) on this machine"
         detail = {}
         if info.get("attention", {}).get("precision", {}).get("int8"):
-            detail["attention_products"] = (
+            detail[INT8_ATTENTION] = (
                 "int8 (vpdpbusd): w per token for w w^T, softmax weights as u8 255ths x w per column for A w, scales at run time"
             )
         return Compiled(
