@@ -124,3 +124,28 @@ def fits_host(manifest: dict) -> bool:
     if not req or missing(req):
         return False
     return req.get("isa") != "native" or sorted(req.get("features") or ()) == native_features()
+
+
+AMX = ("amx_tile", "amx_int8")  # /proc/cpuinfo's AMX tiles and their int8 dot product
+_amx_granted = False
+
+
+def request_amx() -> None:
+    """Ask Linux for this process's AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM,
+    XFEATURE_XTILEDATA): without it the first AMX instruction kills the process with SIGILL.
+    Once per process, for every thread; a no-op on a host without AMX. Code that may run AMX
+    tiles (TVM's AMX int8 GEMMs) calls this before its library is loaded."""
+    global _amx_granted
+    if _amx_granted or not set(AMX) <= host_flags() or host_arch() != "x86_64" or platform.system() != "Linux":
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata = 158, 0x1023, 18
+    if libc.syscall(sys_arch_prctl, arch_req_xcomp_perm, xfeature_xtiledata) != 0:
+        err = ctypes.get_errno()
+        raise CrateEdgeError(
+            f"this CPU has AMX but Linux refused this process its tile state (arch_prctl: {os.strerror(err)}); "
+            'build the artifact with isa = "x86-64-v4" (no AMX) or run it on a kernel with AMX support (5.16 or later)'
+        )
+    _amx_granted = True

@@ -80,7 +80,10 @@ def tvm_vm_runner(lib_path: Path, device: str, threads: int | None = None):
     import tvm
     from tvm.runtime import vm as rvm
 
+    from . import isa
+
     _tvm_threads(tvm, threads)
+    isa.request_amx()  # a native library on an AMX host may hold AMX GEMMs (backends/tvm/quant.py)
     lib = tvm.runtime.load_module(str(lib_path))
     dev = tvm.cuda(0) if device == "cuda" else tvm.cpu(0)
     vm = rvm.VirtualMachine(lib, dev)

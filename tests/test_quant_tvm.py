@@ -63,6 +63,12 @@ def test_manifest_precision_and_quantization_block(model, art):
     be = m["backend"]["quantization"]
     assert set(be["sites"]) == set(sites)
     assert all(s["activation_scale"] > 0 for s in be["sites"].values())
+    # the AMX kernel takes every GEMM whose K is whole 64-byte steps where the target has AMX tiles
+    from crate_edge.backends import tvm as tb
+
+    amx = be["kernel_isa"] == "avx512vnni" and tb.has_amx(tb.make_target({"kind": "llvm"}, "native"))
+    on = [("amx" if amx and s["k"] % 64 == 0 else be["kernel_isa"]) for s in be["sites"].values()]
+    assert be["gemm_kernels"] == {k: on.count(k) for k in set(on)}
     if be["kernel_isa"] == "avx512vnni":
         # each layer's out map takes its bias and the residual add, each ISTA GEMM its identity path and ReLU
         assert be["epilogues"] == {"residual": model.cfg.depth, "residual_relu": model.cfg.depth}
@@ -76,18 +82,18 @@ def test_manifest_precision_and_quantization_block(model, art):
 
 def test_library_embeds_int8_weights_not_float_ones(model, art):
     """Bytes of the constants the library embeds, by dtype: every site weight as int8 (columns
-    padded to the kernel's panel: 16 for AVX2, 16 * vnni_panels(N) and k to a multiple of 4 for VNNI), and
+    padded to the kernel's panel: 16 for AVX2, 16 * nz (gemm_panels: 32 on AMX) and k to a multiple of 4 for VNNI), and
     no float copy of them (which alone would be 4x the int8 bytes)."""
     from crate_edge.backends.tvm import quant
 
     q = art.manifest["backend"]["quantization"]
     consts = q["weight_constants"]
-    vnni = q["kernel_isa"] == "avx512vnni"
+    vnni, amx = q["kernel_isa"] == "avx512vnni", "amx" in q["gemm_kernels"]
     mod = apply(model, ["shift_patch_norm", "fold_ista_update"])
     want = 0
     for path in _sites(model).values():
         n, k = mod.get_submodule(path).weight.shape
-        panel, kq = (16 * quant.vnni_panels(n), 4) if vnni else (16, 1)
+        panel, kq = (16 * quant.gemm_panels(k, n, amx)[0], 4) if vnni else (16, 1)
         want += -(-n // panel) * panel * (-(-k // kq) * kq)
     assert consts["int8"] == want
     assert consts["float32"] < want  # LayerNorm, biases, scales, embeddings; the float site weights would be 4 * want
@@ -213,6 +219,56 @@ def test_vnni_kernel_is_exact_and_chosen_by_the_cpu():
         ek(*(tvm.runtime.tensor(v, dev) for v in (au8.numpy(), packed, comp, sp, bias, res)), out)
         np.testing.assert_allclose(out.numpy(), want, rtol=1e-6, atol=1e-5)
     assert (out.numpy() == 0).any()  # the ReLU did something
+
+
+def test_amx_kernel_is_exact_and_follows_the_host_flags(monkeypatch):
+    """The AMX int8 GEMM against numpy: 70 rows (two 32-row AMX blocks and a 6-row VNNI tail), K =
+    128 (two k steps), N = 80 (three 32-column panels, the last padded), at the extremes too, and
+    its fused epilogue. A native target gets AMX from the host's flags (a virtual machine may name
+    an older CPU model), a faked host without them gets none, and asking Linux for the tile state
+    is then a no-op."""
+    import tvm
+
+    from crate_edge import isa
+    from crate_edge.backends import tvm as tb
+
+    real = isa.host_flags()
+    monkeypatch.setenv(isa.ENV, " ".join(sorted(real - set(isa.AMX))))
+    assert not tb.has_amx(tb.make_target({"kind": "llvm"}, "native"))
+    isa.request_amx()  # no AMX on this (faked) host: nothing to ask for
+    monkeypatch.setenv(isa.ENV, " ".join(sorted(real | set(isa.AMX))))
+    assert tb.has_amx(tb.make_target({"kind": "llvm"}, "native"))
+    assert not tb.has_amx(tb.make_target({"kind": "llvm"}, "x86-64-v4"))
+    monkeypatch.delenv(isa.ENV)
+    tgt = tb.make_target({"kind": "llvm"}, "native")
+    if not (tb.kernel_for(tgt) == "avx512vnni" and tb.has_amx(tgt)):
+        pytest.skip("this CPU has no AMX int8 tiles (amx_tile, amx_int8)")
+    isa.request_amx()
+    m, k, n = 70, 128, 80
+    rng = np.random.default_rng(2)
+    packed, comp, sw, wq = tb.pack_int8_weight_vnni(rng.standard_normal((n, k)), nz=2)
+    npad = packed.shape[0] * 32
+    a = rng.integers(0, 256, (m, k), dtype=np.uint8)
+    s = np.pad(sw.astype(np.float32)[:n], (0, npad - n))
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros((m, npad), np.float32), dev)
+    kern = tvm.compile(tvm.IRModule({"main": tb._qgemm_vnni(k, n, "main", nz=2, amx=True)}), target=tgt)
+
+    def run(*v):
+        kern(*(tvm.runtime.tensor(x, dev) for x in v), out)
+        return out.numpy()
+
+    full = ((a.astype(np.int64) - 128) @ np.pad(wq, ((0, npad - n), (0, 0))).astype(np.int64).T).astype(np.float32) * s
+    np.testing.assert_array_equal(run(a, packed, comp, s), full)
+    p_neg, c_neg, _, _ = tb.pack_int8_weight_vnni(-np.ones((n, k)), nz=2)
+    assert (run(np.full((m, k), 255, np.uint8), p_neg, c_neg, np.ones(npad, np.float32))[:, :n] == -127 * 127 * k).all()
+    bias = rng.standard_normal(npad).astype(np.float32)
+    res = rng.standard_normal((m, npad)).astype(np.float32)
+    ek = tvm.compile(tvm.IRModule({"main": tb._qgemm_vnni(k, n, "main", nz=2, epilogue="residual_relu", amx=True)}), target=tgt)
+    ek(*(tvm.runtime.tensor(v, dev) for v in (a, packed, comp, s, bias, res)), out)
+    np.testing.assert_allclose(out.numpy(), np.maximum(full + bias + res, 0), rtol=1e-6, atol=1e-5)
+    with pytest.raises(ValueError, match="K % 64"):
+        tb._qgemm_vnni(96, n, "main", nz=2, amx=True)
 
 
 def test_layernorm_quantize_kernel_matches_numpy():

@@ -55,7 +55,7 @@ from .quant import (
     quantize_module,
 )
 from .schedule import MR, NR, ROW_BLOCK, cpu_rules, legalize_map
-from .target import make_target
+from .target import has_amx, make_target
 
 __all__ = [
     "CPU_TWIN",
@@ -73,6 +73,7 @@ __all__ = [
     "_qgemm_int8",
     "_qgemm_vnni",
     "kernel_for",
+    "has_amx",
     "build",
     "cpu_rules",
     "fused",

@@ -11,7 +11,7 @@ from ...calibration import calibrate
 from ...errors import CrateEdgeError
 from .attention import ATTENTION_INT8, mssa_attention_int8
 from .schedule import HANDWRITTEN
-from .target import KERNELS, VNNI, kernel_for
+from .target import KERNELS, VNNI, has_amx, kernel_for
 
 # [quantize] scheme = "int8" on the llvm target: the plan's site GEMMs (crate_edge.quantize
 # policy) become int8 x int8 -> int32 GEMMs; everything else stays in the fp32 pipeline (lower.py).
@@ -110,7 +110,29 @@ def vnni_panels(N: int) -> int:
 EPILOGUES = ("", "residual", "residual_relu")  # what a VNNI GEMM adds to its dequantized tile
 
 
-def _qgemm_vnni(K: int, N: int, name: str, mr: int = VMR, nz: int = VNZ, epilogue: str = ""):
+# AMX (tdpbusd on tiles of 16 rows x 64 bytes): one instruction is 16 x 16 x 64 u8 x s8 products,
+# 256 times vpdpbusd's. The kernel keeps the VNNI kernel's operands (u8 activations, weights in
+# panels of 32 columns, nz = 2): a B tile is 16 k quads x 16 columns of a panel, read at the
+# panel's row stride, so the Relax rewrite and its fusions are the same on both. Per k step of 64
+# a 32 x 32 block takes two A tiles, two B tiles and four tdpbusd into four int32 tiles (tmm0-3),
+# which go through a 4 KiB scratch to the VNNI kernel's dequantizing write-back; rows past the
+# last whole 32-row block run the VNNI micro-kernel. Needs K a multiple of 64.
+AMX_ROWS = 32  # rows per AMX block: 2 A tiles
+
+
+def gemm_panels(K: int, N: int, amx: bool) -> tuple[int, bool]:
+    """(zmm per panel row nz, AMX or not) of a VNNI-layout GEMM: on an AMX target the AMX kernel
+    where K is whole 64-byte k steps (nz = 2, its two B tiles), else the VNNI kernel's vnni_panels."""
+    return (2, True) if amx and K % 64 == 0 else (vnni_panels(N), False)
+
+
+def _amx(name: str, *args):
+    from tvm.script import tirx as T
+
+    return T.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
+
+
+def _qgemm_vnni(K: int, N: int, name: str, mr: int = VMR, nz: int = VNZ, epilogue: str = "", amx: bool = False):
     """TIR, AVX-512 VNNI: C[m, NPAD] = float(A_u8 @ W^T - comp) * s. A: uint8 [m, KQ*4] (int8
     values + 128, K padded to a multiple of 4 with 128s), W: int8 [NPAD/NR, KQ, NR*4] (per panel
     of NR = 16*nz columns and k quad: nz x 16 columns x 4 k), comp: int32 [NPAD] (128 * the column sums of W, which
@@ -119,11 +141,15 @@ def _qgemm_vnni(K: int, N: int, name: str, mr: int = VMR, nz: int = VNZ, epilogu
     (4 * 255 * 127 per instruction, K * 255 * 127 < 2^31 for K < 66,000).
     epilogue "residual": C = that + bias[n] + R[m, n] (a site's bias and the residual add, which
     would otherwise be one more pass over C); "residual_relu": relu of it (the folded ISTA step).
-    Both take bias [NPAD] and R [m, NPAD] after s."""
+    Both take bias [NPAD] and R [m, NPAD] after s.
+    amx: the products on AMX tiles (see AMX_ROWS; K % 64 == 0, nz = 2), the VNNI kernel for
+    the last m % 32 rows; the process must have asked for AMX state first (crate_edge.isa.request_amx)."""
     from tvm.script import tirx as T
 
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue {epilogue!r}")
+    if amx and (nz != 2 or K % 64):
+        raise ValueError(f"the AMX kernel takes K % 64 == 0 and nz = 2, not K = {K}, nz = {nz}")
     NR = 16 * nz
     NP, KQ, rb = (N + NR - 1) // NR, (K + 3) // 4, QRB
     NPAD = NP * NR
@@ -163,7 +189,57 @@ def _qgemm_vnni(K: int, N: int, name: str, mr: int = VMR, nz: int = VNZ, epilogu
                 )
 
     @T.macro
-    def tasks(A, W, comp, s, bias, R, C, m):
+    def vnni_rows(acc, A, W, comp, s, bias, R, C, i0, p, m):
+        """rows i0..m of panel p on the VNNI micro-kernel"""
+        for it in range((m - i0) // mr):
+            tile(acc, A, W, comp, s, bias, R, C, i0 + it * mr, p, mr)
+        for i in range((m - i0) % mr):
+            tile(acc, A, W, comp, s, bias, R, C, m - (m - i0) % mr + i, p, 1)
+
+    S, KS = KQ * 4, KQ // 16  # A's row stride in bytes, k steps of 64
+
+    @T.macro
+    def amx_tasks(A, W, comp, s, bias, R, C, m):
+        for p in T.parallel(NP):  # a panel per task: its 12 KiB of weights stay in L1
+            cfg = T.alloc_buffer((64,), "uint8", align=64)
+            tc = T.alloc_buffer((AMX_ROWS, NR), "int32", align=64)
+            acc = T.alloc_buffer((mr * NR,), "int32")
+            for i in range(64):  # palette 1; every tile 16 rows x 64 bytes
+                cfg[i] = T.uint8(0)
+            cfg[0] = T.uint8(1)
+            for t in range(8):
+                cfg[16 + 2 * t] = T.uint8(64)
+                cfg[48 + t] = T.uint8(16)
+            _amx("ldtilecfg", T.address_of(cfg[0]))
+            for b in range(m // AMX_ROWS):
+                for t in T.unroll(4):  # tile numbers are immediates
+                    _amx("tilezero", T.int8(t))
+                for kc in range(KS):
+                    _amx("tileloadd64", T.int8(4), T.address_of(A[b * AMX_ROWS, kc * 64]), T.int64(S))
+                    _amx("tileloadd64", T.int8(5), T.address_of(A[b * AMX_ROWS + 16, kc * 64]), T.int64(S))
+                    _amx("tileloadd64", T.int8(6), T.address_of(W[p, kc * 16, 0]), T.int64(NR * 4))
+                    _amx("tileloadd64", T.int8(7), T.address_of(W[p, kc * 16, 64]), T.int64(NR * 4))
+                    _amx("tdpbusd", T.int8(0), T.int8(4), T.int8(6))
+                    _amx("tdpbusd", T.int8(1), T.int8(4), T.int8(7))
+                    _amx("tdpbusd", T.int8(2), T.int8(5), T.int8(6))
+                    _amx("tdpbusd", T.int8(3), T.int8(5), T.int8(7))
+                for t in T.unroll(4):
+                    _amx("tilestored64", T.int8(t), T.address_of(tc[t // 2 * 16, t % 2 * 16]), T.int64(NR * 4))
+                for r in range(AMX_ROWS):
+                    for h in T.unroll(nz):
+                        C[b * AMX_ROWS + r, T.ramp(p * NR + h * 16, 1, 16)] = out(
+                            T.cast(tc.vload([r, h * 16], "int32x16") - comp.vload([p * NR + h * 16], "int32x16"), "float32x16")
+                            * s.vload([p * NR + h * 16], "float32x16"),
+                            bias,
+                            R,
+                            b * AMX_ROWS + r,
+                            p * NR + h * 16,
+                        )
+            _amx("tilerelease")
+            vnni_rows(acc, A, W, comp, s, bias, R, C, m // AMX_ROWS * AMX_ROWS, p, m)
+
+    @T.macro
+    def vnni_tasks(A, W, comp, s, bias, R, C, m):
         for t in T.parallel((m + rb * mr - 1) // (rb * mr) * NP):
             acc = T.alloc_buffer((mr * NR,), "int32")
             for it in range(rb):
@@ -173,6 +249,8 @@ def _qgemm_vnni(K: int, N: int, name: str, mr: int = VMR, nz: int = VNZ, epilogu
                 elif i0 < m:
                     for i in range(m - i0):
                         tile(acc, A, W, comp, s, bias, R, C, i0 + i, t % NP, 1)
+
+    tasks = amx_tasks if amx else vnni_tasks
 
     @T.prim_func(s_tir=True)
     def qgemm(
@@ -383,6 +461,8 @@ def quantize_module(mod, module, plan, target):
     # symmetric int8: scale = amax / 127 of crate_edge.calibration's range
     scales = {s: (a if a > 0 else 1.0) / 127.0 for s, a in calibrate(module, plan).amax().items()}
     kind = kernel_for(target)
+    amx = kind == "avx512vnni" and has_amx(target)
+    on: dict[str, str] = {}  # site -> the kernel its GEMM runs on (amx, avx512vnni, avx2)
     by_hash: dict[bytes, list[str]] = {}
     for site, path in plan.sites.items():
         w = module.get_submodule(path).weight.detach().float().contiguous().numpy()
@@ -478,9 +558,10 @@ def quantize_module(mod, module, plan, target):
             N, K = (int(d) for d in w.shape)
             sa = scales[site]
             if kind == "avx512vnni":
-                nz = vnni_panels(N)
+                nz, on_amx = gemm_panels(K, N, amx)
                 packed, comp, sw, _ = pack_int8_weight_vnni(w.astype(np.float64), per_channel, nz)
-                make, quant_act, npad = partial(_qgemm_vnni, nz=nz), _quantize_act_u8, packed.shape[0] * 16 * nz
+                make, quant_act, npad = partial(_qgemm_vnni, nz=nz, amx=on_amx), _quantize_act_u8, packed.shape[0] * 16 * nz
+                on[site] = "amx" if on_amx else kind
                 consts = [relax.const(packed), relax.const(comp), relax.const((sw * sa).astype(np.float32))]
             else:
                 if K % 2:
@@ -488,9 +569,10 @@ def quantize_module(mod, module, plan, target):
                 packed, sw, _ = pack_int8_weight(w.astype(np.float64), per_channel)
                 make, quant_act, npad = _qgemm_int8, _quantize_act, packed.shape[0] * 16
                 consts = [relax.const(packed), relax.const((sw * sa).astype(np.float32))]
+                on[site] = kind
             key = (K, N)
             if key not in self.kernels:
-                fname = f"qgemm_{kind}_k{K}_n{N}"
+                fname = f"qgemm_{on[site]}_k{K}_n{N}"
                 self.kernels[key] = self.builder_.add_func(make(K, N, fname), fname)
             lead = list(x.ty.shape.values[:-1])
             m = lead[0]
@@ -516,13 +598,14 @@ def quantize_module(mod, module, plan, target):
     if kind == "avx512vnni":
         # the GEMMs, keyed (K, N); not the fused LayerNorm or attention kernels
         vnni = {g: key for key, g in rw.kernels.items() if len(key) == 2}
-        out, epilogues = fuse_epilogues(out, vnni)
+        out, epilogues = fuse_epilogues(out, vnni, amx)
     missing = sorted(set(plan.sites) - set(found))
     if missing:
         raise CrateEdgeError(f"tvm: no matmul with the weight of site(s) {', '.join(missing)} in the imported program")
     summary = {
-        "kernel": f"{QUANT_SCHEMES[qc.scheme]}, {KERNELS[kind]}",
+        "kernel": f"{QUANT_SCHEMES[qc.scheme]}, {KERNELS['amx' if amx else kind]}",
         "kernel_isa": kind,
+        "gemm_kernels": {k: sum(v == k for v in on.values()) for k in sorted(set(on.values()))},  # sites per kernel
         "sites": found,
         "weight_constants": _const_bytes(out),
         "epilogues": epilogues,
@@ -533,12 +616,13 @@ def quantize_module(mod, module, plan, target):
     return out, summary
 
 
-def fuse_epilogues(mod, vnni: dict):
+def fuse_epilogues(mod, vnni: dict, amx: bool = False):
     """Fold what follows a VNNI site GEMM into its write-back (_qgemm_vnni's epilogue):
     add(R, add(reshape(qgemm(..)), bias)) -> qgemm_residual(.., bias, R), and relu of that ->
     qgemm_residual_relu: the out map's bias and MSSA's residual add, the folded ISTA's
-    identity path and ReLU. `vnni`: the kernels' GlobalVars -> (K, N). Only where each
-    intermediate has that one use and N fills whole panels. Returns (module, counts)."""
+    identity path and ReLU. `vnni`: the kernels' GlobalVars -> (K, N); amx: an AMX target
+    (gemm_panels). Only where each intermediate has that one use and N fills whole panels.
+    Returns (module, counts)."""
     import tvm
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
@@ -593,14 +677,15 @@ def fuse_epilogues(mod, vnni: dict):
             if g is None or not self.once(r.args[0]) or not isinstance(c, tvm.ir.expr.Constant) or g.args[0] not in vnni:
                 return None
             K, N = vnni[g.args[0]]
-            if len(c.value.shape) != 1 or int(c.value.shape[0]) != N or N % (16 * vnni_panels(N)):
+            if len(c.value.shape) != 1 or int(c.value.shape[0]) != N or N % (16 * gemm_panels(K, N, amx)[0]):
                 return None
             return g, c, K, N
 
         def kernel(self, K, N, epilogue):
             if (K, N, epilogue) not in self.kernels:
-                name = f"qgemm_avx512vnni_k{K}_n{N}_{epilogue}"
-                self.kernels[K, N, epilogue] = self.builder_.add_func(_qgemm_vnni(K, N, name, nz=vnni_panels(N), epilogue=epilogue), name)
+                nz, on_amx = gemm_panels(K, N, amx)
+                name = f"qgemm_{'amx' if on_amx else 'avx512vnni'}_k{K}_n{N}_{epilogue}"
+                self.kernels[K, N, epilogue] = self.builder_.add_func(_qgemm_vnni(K, N, name, nz=nz, epilogue=epilogue, amx=on_amx), name)
             return self.kernels[K, N, epilogue]
 
         def emit(self, g, c, R, K, N, epilogue, shape):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from ...errors import CrateEdgeError
+from ...isa import AMX, host_arch, host_flags
 
 
 def _say(msg: str) -> None:
@@ -64,6 +65,10 @@ def make_target(spec, isa: str = "native"):
             spec.update(CROSS[isa]["target"])
         else:
             spec["mcpu"] = codegen.llvm_get_system_cpu() if isa == "native" else isa
+        if isa == "native" and set(AMX) <= host_flags() and host_arch() == "x86_64":
+            # LLVM names the CPU from its model number, which a virtual machine may report as an
+            # older one (model 167, "rocketlake", on an AMX Xeon here): the tiles come from the flags
+            spec["mattr"] = sorted(set(spec.get("mattr", [])) | {"+amx-tile", "+amx-int8"})
         # lets LLVM vectorise the LayerNorm/softmax row sums; the GEMMs are vectorised by hand
         spec.setdefault("fast-math-reassoc", True)
         spec.setdefault("fast-math-nsz", True)
@@ -76,6 +81,7 @@ def make_target(spec, isa: str = "native"):
 
 
 KERNELS = {  # the int8 kernels by what the target CPU has (its isa level), best first (quant.py, attention.py)
+    "amx": "AMX tdpbusd on 16 x 64-byte tiles (16,384 u8 x s8 products per instruction), AVX-512 VNNI for the rest",
     "avx512vnni": "AVX-512 VNNI vpdpbusd (u8 x s8 -> s32, 64 products per instruction)",
     "avx2": "AVX2 vpmaddwd (int16 pairs -> s32, 16 products per instruction)",
 }
@@ -88,6 +94,13 @@ def kernel_for(target) -> str:
     if all(codegen.target_has_features(f, target) for f in ("avx512f", "avx512bw", "avx512vnni")):
         return "avx512vnni"
     return "avx2"
+
+
+def has_amx(target) -> bool:
+    """The target CPU has AMX int8 tiles (a native build on such a host: make_target)."""
+    from tvm.target import codegen
+
+    return all(codegen.target_has_features(f, target) for f in ("amx-tile", "amx-int8"))
 
 
 VNNI = "llvm.x86.avx512.vpdpbusd.512"  # the LLVM intrinsic of vpdpbusd on zmm
