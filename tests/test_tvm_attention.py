@@ -12,7 +12,7 @@ tvm = pytest.importorskip("tvm", reason="apache-tvm is not installed (pip instal
 from crate_edge import CrateEdgeError, load_model  # noqa: E402
 from crate_edge import isa as isa_mod  # noqa: E402
 from crate_edge.backends.tvm import attention as att  # noqa: E402
-from crate_edge.backends.tvm.target import make_target  # noqa: E402
+from crate_edge.backends.tvm.target import has_amx, make_target  # noqa: E402
 from crate_edge.compiler import compile  # noqa: E402
 
 QUIET = dict(log=lambda s: None)
@@ -104,15 +104,19 @@ def test_unknown_attention_option(ref, tmp_path):
 VNNI = {"avx512f", "avx512bw", "avx512_vnni"} <= isa_mod.host_flags()
 
 
-def _run_int8(B, N, H, D, scale, x=None):
+def _run_int8(B, N, H, D, scale, x=None, amx=False):
     tgt = make_target({"kind": "llvm"}, "native")
+    if amx:
+        if not has_amx(tgt):
+            pytest.skip("this CPU has no AMX int8 tiles (amx_tile, amx_int8)")
+        isa_mod.request_amx()
     NR = 16 * att.INZ
-    qh = tvm.compile(tvm.IRModule({"main": att.quantize_heads(N, H, D, NR, "main")}), target=tgt)
-    at = tvm.compile(tvm.IRModule({"main": att.mssa_attention_int8(N, H, D, scale, "main")}), target=tgt)
+    qh = tvm.compile(tvm.IRModule({"main": att.quantize_heads(N, H, D, NR, "main", amx=amx)}), target=tgt)
+    at = tvm.compile(tvm.IRModule({"main": att.mssa_attention_int8(N, H, D, scale, "main", amx=amx)}), target=tgt)
     if x is None:
         x = np.random.default_rng(N + D).standard_normal((B, N, H, D)).astype(np.float32) * 2
     dev = tvm.cpu()
-    shapes = [((B, *dims), dt) for dims, dt in att.int8_operands(N, H, D)]
+    shapes = [((B, *dims), dt) for dims, dt in att.int8_operands(N, H, D, amx=amx)]
     # garbage where the quantizer must write (its padding included), so nothing is assumed zero
     ops = [tvm.runtime.tensor(np.full(s, 7, d), dev) for s, d in shapes]
     o = tvm.runtime.tensor(np.full((B, N, H, D), np.nan, np.float32), dev)
@@ -129,10 +133,13 @@ def _run_int8(B, N, H, D, scale, x=None):
         (2, 50, 4, 32),  # the embedded model's heads, batch 2
         (3, 5, 2, 16),  # fewer tokens than one tile; one 16-column value panel
         (1, 65, 3, 48),  # a width the 32-column value panel does not divide
+        (1, 40, 2, 128),  # two AMX k steps per score and two 64-column output groups
     ],
 )
-def test_int8_kernel_is_close_to_float64_attention(B, N, H, D):
-    got, ref, ops = _run_int8(B, N, H, D, D**-0.5)
+@pytest.mark.parametrize("amx", [False, True], ids=["vnni", "amx"])
+def test_int8_kernel_is_close_to_float64_attention(B, N, H, D, amx):
+    """AMX: 16-row tiles on the tiles, the rest (N % 16 rows: all of N = 5) on the VNNI kernel."""
+    got, ref, ops = _run_int8(B, N, H, D, D**-0.5, amx=amx)
     assert np.isfinite(got).all()
     cos = (got * ref).sum() / np.linalg.norm(got) / np.linalg.norm(ref)
     # int8 error, not exactness: ~1% of the largest output, cosine near 1 (and far from a broken kernel's)
@@ -150,10 +157,11 @@ def test_int8_kernel_is_close_to_float64_attention(B, N, H, D):
 
 
 @pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: the int8 attention kernel cannot run here")
-def test_int8_kernel_with_a_zero_head_and_large_scores():
+@pytest.mark.parametrize("amx", [False, True], ids=["vnni", "amx"])
+def test_int8_kernel_with_a_zero_head_and_large_scores(amx):
     x = np.random.default_rng(3).standard_normal((1, 33, 2, 16)).astype(np.float32) * 8
     x[:, :, 1] = 0  # an all-zero head: scales must not divide by zero
-    got, ref, _ = _run_int8(1, 33, 2, 16, 4.0, x)
+    got, ref, _ = _run_int8(1, 33, 2, 16, 4.0, x, amx=amx)
     assert np.isfinite(got).all() and not got[:, :, 1].any()
     assert np.abs(got - ref).max() <= 0.03 * np.abs(ref).max()
 
@@ -187,6 +195,9 @@ def test_int8_attention_target_builds_and_passes_parity(emb, tmp_path):
     m = art.manifest
     assert m["backend"]["attention"]["precision"] == {"int8": emb.cfg.depth}, m["backend"]["attention"]
     assert "attention_products" in m["precision"]["detail"]
+    # on an AMX host both products run on the tiles (the embedded model's heads are 32 wide), and the manifest says so
+    amx = has_amx(make_target({"kind": "llvm"}, "native"))
+    assert ("amx" in m["backend"]["attention"]["tile"]) == amx and ("AMX" in m["precision"]["detail"]["attention_products"]) == amx
     assert not any(k.startswith("attention_products") for k in m["quantization"]["keep_float"])
     assert m["parity"]["passed"], m["parity"]
 
@@ -206,13 +217,14 @@ def test_int8_attention_is_refused_by_backends_that_do_not_take_it(ref, tmp_path
 
 
 @pytest.mark.skipif(not VNNI, reason="this CPU has no AVX-512 VNNI: the int8 attention kernel cannot run here")
-def test_int8_kernel_writes_the_next_sites_u8_activations():
+@pytest.mark.parametrize("amx", [False, True], ids=["vnni", "amx"])
+def test_int8_kernel_writes_the_next_sites_u8_activations(amx):
     # out_scale: the same output, quantized as quant.py's activation quantizer would (q + 128)
     B, N, H, D, sa = 2, 37, 2, 32, 0.01
     tgt = make_target({"kind": "llvm"}, "native")
     x = np.random.default_rng(5).standard_normal((B, N, H, D)).astype(np.float32)
-    got, _, ops = _run_int8(B, N, H, D, D**-0.5, x)
-    aq = tvm.compile(tvm.IRModule({"main": att.mssa_attention_int8(N, H, D, D**-0.5, "main", out_scale=sa)}), target=tgt)
+    got, _, ops = _run_int8(B, N, H, D, D**-0.5, x, amx=amx)
+    aq = tvm.compile(tvm.IRModule({"main": att.mssa_attention_int8(N, H, D, D**-0.5, "main", out_scale=sa, amx=amx)}), target=tgt)
     dev = tvm.cpu()
     q = tvm.runtime.tensor(np.zeros((B, N, H, D), np.uint8), dev)
     aq(*(tvm.runtime.tensor(t, dev) for t in ops), q)

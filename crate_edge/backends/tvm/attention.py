@@ -13,7 +13,7 @@ and its product with V. q = k = v is what lets one input serve all three.
 from __future__ import annotations
 
 from .schedule import HANDWRITTEN, gemm_tile
-from .target import VNNI, kernel_for
+from .target import VNNI, has_amx, kernel_for
 
 ATT_RB = 4  # micro tiles per parallel task (28 rows with 7-row tiles: 8 tasks per head at 197 tokens)
 NEG = -3.0e38  # scores of the padding columns: exp gives exactly 0 (fast_exp clamps, 2^-127 -> 0)
@@ -178,11 +178,23 @@ def mssa_attention(N: int, H: int, D: int, scale: float, name: str, MR: int, NR:
 IMR, INZ, IVZ = 6, 2, 2  # rows per tile, zmm per score row (32 keys), zmm per output row (32 columns): 768 B of accumulators each
 
 
-def int8_operands(N: int, H: int, D: int, NR: int = 16 * INZ) -> list[tuple[tuple[int, ...], str]]:
+def value_quads(N: int, amx: bool = False) -> int:
+    """Rows of VQ (quads of tokens): (N + 3) // 4, padded with zeros to whole AMX k steps (16
+    quads, 64 tokens) for the AMX kernel."""
+    n4 = (N + 3) // 4
+    return (n4 + 15) // 16 * 16 if amx else n4
+
+
+def amx_attention_fits(D: int) -> bool:
+    """The AMX attention takes heads of width D: one k step of D bytes, or whole steps of 64."""
+    return D % 16 == 0 and (D <= 64 or D % 64 == 0)
+
+
+def int8_operands(N: int, H: int, D: int, NR: int = 16 * INZ, amx: bool = False) -> list[tuple[tuple[int, ...], str]]:
     """(shape after the batch axis, dtype) of quantize_heads' outputs, mssa_attention_int8's
     inputs, in order: U, A, KQ, CS, VQ, VS (the two kernels' buffers declare the same)."""
     NP = (N + NR - 1) // NR
-    NPAD, N4 = NP * NR, (N + 3) // 4
+    NPAD, N4 = NP * NR, value_quads(N, amx)
     return [
         ((H, N, D), "uint8"),
         ((H, NPAD), "float32"),
@@ -193,15 +205,16 @@ def int8_operands(N: int, H: int, D: int, NR: int = 16 * INZ) -> list[tuple[tupl
     ]
 
 
-def quantize_heads(N: int, H: int, D: int, NR: int, name: str):
+def quantize_heads(N: int, H: int, D: int, NR: int, name: str, amx: bool = False):
     """TIR: X [B, N, H, D] -> the int8 attention kernel's operands, per (batch, head):
     U [B, H, N, D] u8 (q + 128), A [B, H, NPAD] row scales, KQ [B, H, NP, D/4, NR*4] s8 keys,
-    CS [B, H, NPAD] int32 (128 * sum_d q), VQ [B, H, N4, D*4] s8 values, VS [B, H, D] column
+    CS [B, H, NPAD] int32 (128 * sum_d q), VQ [B, H, N4V, D*4] s8 values (value_quads), VS [B, H, D] column
     scales; zero past N."""
     from tvm.script import tirx as T
 
     NP = (N + NR - 1) // NR
     NPAD, N4, DQ, DV = NP * NR, (N + 3) // 4, D // 4, D // 16
+    N4V = value_quads(N, amx)
     TINY = 1e-30
 
     def clip127(v):
@@ -221,7 +234,7 @@ def quantize_heads(N: int, H: int, D: int, NR: int, name: str):
         A = T.match_buffer(a, (b, H, NPAD), "float32")
         KQ = T.match_buffer(kq, (b, H, NP, DQ, NR), "int32")
         CS = T.match_buffer(cs, (b, H, NPAD), "int32")
-        VQ = T.match_buffer(vq, (b, H, N4, D), "int32")
+        VQ = T.match_buffer(vq, (b, H, N4V, D), "int32")
         VS = T.match_buffer(vs, (b, H, D), "float32")
         with T.sblock("root"):
             with T.sblock("quantize_heads"):
@@ -231,7 +244,7 @@ def quantize_heads(N: int, H: int, D: int, NR: int, name: str):
                     A[0:b, 0:H, 0:NPAD],
                     KQ[0:b, 0:H, 0:NP, 0:DQ, 0:NR],
                     CS[0:b, 0:H, 0:NPAD],
-                    VQ[0:b, 0:H, 0:N4, 0:D],
+                    VQ[0:b, 0:H, 0:N4V, 0:D],
                     VS[0:b, 0:H, 0:D],
                 )
                 for t in T.parallel(b * H):
@@ -286,18 +299,34 @@ def quantize_heads(N: int, H: int, D: int, NR: int, name: str):
                                 | T.shift_left(vbyte(X, cm, t // H, t % H, n4 * 4 + 2, c), T.broadcast(T.int32(16), 16))
                                 | T.shift_left(vbyte(X, cm, t // H, t % H, n4 * 4 + 3, c), T.broadcast(T.int32(24), 16))
                             )
+                    for n4 in range(N4, N4V):
+                        for c in T.unroll(DV):
+                            VQ[t // H, t % H, n4, T.ramp(c * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
 
     return quant
 
 
-ATTENTION_INT8 = "crate_edge.mssa_attention_int8"  # PrimFunc attribute: its N, H, D, scale (quant.py re-emits it)
+ATTENTION_INT8 = "crate_edge.mssa_attention_int8"  # PrimFunc attribute: its N, H, D, scale, amx|vnni (quant.py re-emits it)
 
 
-def mssa_attention_int8(N: int, H: int, D: int, scale: float, name: str, MR: int = IMR, NZ: int = INZ, out_scale: float | None = None):
+def _amx(name: str, *args):
+    from tvm.script import tirx as T
+
+    return T.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
+
+
+def mssa_attention_int8(
+    N: int, H: int, D: int, scale: float, name: str, MR: int = IMR, NZ: int = INZ, out_scale: float | None = None, amx: bool = False
+):
     """TIR, AVX-512 VNNI: O[b, :, h, :] = softmax(w_h w_hᵀ * scale) w_h from quantize_heads'
     operands (the int8 note above), D a multiple of 16. Tiles and tasks as mssa_attention.
     out_scale: write O as the next site's u8 activations instead, clip(round(o / out_scale),
-    -127, 127) + 128 (quant.py, when the out map is an int8 site: one pass fewer)."""
+    -127, 127) + 128 (quant.py, when the out map is an int8 site: one pass fewer).
+    amx: both products on AMX tiles (amx_attention_fits(D); quantize_heads with amx), one task
+    per (batch, head) over its 16-row tiles, the last N % 16 rows on the VNNI micro-kernel:
+    the scores tile of a 16-row tile is one tdpbusd per 16 keys (w_h's D bytes per row, the keys'
+    16 quads x 16 tokens of a KQ panel), the product with V one per 64 keys and 16 columns (the
+    u8 weights padded with zeros to whole 64-key steps, VQ's 16 quads x 16 columns)."""
     from tvm.script import tirx as T
 
     odt = "float32" if out_scale is None else "uint8"
@@ -311,13 +340,19 @@ def mssa_attention_int8(N: int, H: int, D: int, scale: float, name: str, MR: int
         )
         return T.cast(T.cast(q, "int32x16") + T.broadcast(T.int32(128), 16), "uint8x16")
 
+    if amx and not (amx_attention_fits(D) and NZ == 2):
+        raise ValueError(f"the AMX attention takes heads of width <= 64 or a multiple of 64 and NZ = 2, not D = {D}, NZ = {NZ}")
     VZ = IVZ if D % (16 * IVZ) == 0 else 1
     NR, NV = 16 * NZ, 16 * VZ
     NP = (N + NR - 1) // NR
     NPAD, N4, DQ = NP * NR, (N + 3) // 4, D // 4
+    N4V = value_quads(N, amx)
+    NK, DS = N4V * 4, min(D, 64)  # AMX: keys of the A.w product (whole 64-key steps), bytes of w per scores k step
     NC = NPAD // 16
     RB = ATT_RB * MR
     NRB = (N + RB - 1) // RB
+    NT = N // 16  # whole 16-row AMX tiles
+    TR = max(MR, 16)  # rows of the per-task buffers
     sc = float(scale)
 
     def dot(acc_vec, a_u8x4, b_s8x64):
@@ -331,6 +366,66 @@ def mssa_attention_int8(N: int, H: int, D: int, scale: float, name: str, MR: int
         for r in T.unroll(rows):
             for z in T.unroll(width // 16):
                 acc[T.ramp(r * width + z * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
+
+    @T.macro
+    def softmax_u8(S, P8, red, rows, ps):
+        """each score row of S to u8 weights round(255 exp(s - max)) in P8 (row stride ps), 1 / their sum in red[32 + r]"""
+        for r in range(rows):
+            for j in range(NPAD - N):
+                S[r * NPAD + N + j] = T.float32(NEG)
+            red[T.ramp(0, 1, 16)] = S[T.ramp(r * NPAD, 1, 16)]
+            for c in range(1, NC):
+                red[T.ramp(0, 1, 16)] = T.max(red[T.ramp(0, 1, 16)], S[T.ramp(r * NPAD + c * 16, 1, 16)])
+            for k in range(1, 16):
+                red[0] = T.max(red[0], red[k])
+            red[T.ramp(16, 1, 16)] = T.broadcast(T.float32(0), 16)
+            for c in range(NC):
+                S[T.ramp(r * NPAD + c * 16, 1, 16)] = T.round(
+                    _fast_exp(S[T.ramp(r * NPAD + c * 16, 1, 16)] - T.broadcast(red[0], 16), 16) * T.broadcast(T.float32(255), 16)
+                )
+                red[T.ramp(16, 1, 16)] = red[T.ramp(16, 1, 16)] + S[T.ramp(r * NPAD + c * 16, 1, 16)]
+                P8[T.ramp(r * ps + c * 16, 1, 16)] = T.cast(T.cast(S[T.ramp(r * NPAD + c * 16, 1, 16)], "int32x16"), "uint8x16")
+            for k in range(1, 16):
+                red[16] = red[16] + red[16 + k]
+            red[32 + r] = T.float32(1) / red[16]
+
+    @T.macro
+    def amx_tile(U, A, KQ, CS, VQ, VS, O, S, SI, P8, OI, red, bb, hh, i0):
+        """rows i0..i0+16 of head hh on AMX (the tile configuration loaded by the task)"""
+        for p16 in range(NPAD // 16):  # scores, 16 keys at a time: tmm0 += tmm2 (w rows) x tmm3 (keys)
+            _amx("tilezero", T.int8(0))
+            for ks in range(D // DS):
+                _amx("tileloadd64", T.int8(2), T.address_of(U[bb, hh, i0, ks * DS]), T.int64(D))
+                _amx("tileloadd64", T.int8(3), T.address_of(KQ[bb, hh, p16 // 2, ks * DS // 4, p16 % 2 * 16]), T.int64(NR * 4))
+                _amx("tdpbusd", T.int8(0), T.int8(2), T.int8(3))
+            _amx("tilestored64", T.int8(0), T.address_of(SI[p16 * 16]), T.int64(NPAD * 4))
+        for r in range(16):
+            for c in range(NC):
+                S[T.ramp(r * NPAD + c * 16, 1, 16)] = (
+                    T.cast(SI[T.ramp(r * NPAD + c * 16, 1, 16)] - CS.vload([bb, hh, c * 16], "int32x16"), "float32x16")
+                    * A.vload([bb, hh, c * 16], "float32x16")
+                    * T.broadcast(A[bb, hh, i0 + r] * T.float32(sc), 16)
+                )
+            for j in range(NK - NPAD):  # no weight on the padding keys of the last k step
+                P8[r * NK + NPAD + j] = T.uint8(0)
+        softmax_u8(S, P8, red, 16, NK)
+        for g in range((D + 63) // 64):  # output columns 64 at a time: tmm0, 1, 6, 7 += tmm4 (weights) x tmm5 (values)
+            for z in T.unroll(DS // 16):
+                _amx("tilezero", T.int8(z + z // 2 * 4))
+            for ks in range(NK // 64):
+                _amx("tileloadd64", T.int8(4), T.address_of(P8[ks * 64]), T.int64(NK))
+                for z in T.unroll(DS // 16):
+                    _amx("tileloadd64", T.int8(5), T.address_of(VQ[bb, hh, ks * 16, g * 64 + z * 16]), T.int64(D * 4))
+                    _amx("tdpbusd", T.int8(z + z // 2 * 4), T.int8(4), T.int8(5))
+            for z in T.unroll(DS // 16):
+                _amx("tilestored64", T.int8(z + z // 2 * 4), T.address_of(OI[g * 64 + z * 16]), T.int64(D * 4))
+        for r in range(16):
+            for q in range(D // 16):
+                O[bb, i0 + r, hh, T.ramp(q * 16, 1, 16)] = store(
+                    T.cast(OI[T.ramp(r * D + q * 16, 1, 16)], "float32x16")
+                    * VS.vload([bb, hh, q * 16], "float32x16")
+                    * T.broadcast(red[32 + r], 16)
+                )
 
     @T.macro
     def tile(U, A, KQ, CS, VQ, VS, O, S, P8, acc, red, bb, hh, i0, rows):
@@ -352,25 +447,7 @@ def mssa_attention_int8(N: int, H: int, D: int, scale: float, name: str, MR: int
                         * A.vload([bb, hh, p * NR + z * 16], "float32x16")
                         * T.broadcast(A[bb, hh, i0 + r] * T.float32(sc), 16)
                     )
-        for r in range(rows):
-            for j in range(NPAD - N):
-                S[r * NPAD + N + j] = T.float32(NEG)
-            red[T.ramp(0, 1, 16)] = S[T.ramp(r * NPAD, 1, 16)]
-            for c in range(1, NC):
-                red[T.ramp(0, 1, 16)] = T.max(red[T.ramp(0, 1, 16)], S[T.ramp(r * NPAD + c * 16, 1, 16)])
-            for k in range(1, 16):
-                red[0] = T.max(red[0], red[k])
-            # u8 weights round(255 exp(s - max)) and their sum
-            red[T.ramp(16, 1, 16)] = T.broadcast(T.float32(0), 16)
-            for c in range(NC):
-                S[T.ramp(r * NPAD + c * 16, 1, 16)] = T.round(
-                    _fast_exp(S[T.ramp(r * NPAD + c * 16, 1, 16)] - T.broadcast(red[0], 16), 16) * T.broadcast(T.float32(255), 16)
-                )
-                red[T.ramp(16, 1, 16)] = red[T.ramp(16, 1, 16)] + S[T.ramp(r * NPAD + c * 16, 1, 16)]
-                P8[T.ramp(r * NPAD + c * 16, 1, 16)] = T.cast(T.cast(S[T.ramp(r * NPAD + c * 16, 1, 16)], "int32x16"), "uint8x16")
-            for k in range(1, 16):
-                red[16] = red[16] + red[16 + k]
-            red[32 + r] = T.float32(1) / red[16]
+        softmax_u8(S, P8, red, rows, NPAD)
         # O[i0 + r] = (P8[r] . VQ) * v / sum
         for q in range(D // NV):
             zero(acc, rows, NV)
@@ -390,6 +467,48 @@ def mssa_attention_int8(N: int, H: int, D: int, scale: float, name: str, MR: int
                         * T.broadcast(red[32 + r], 16)
                     )
 
+    @T.macro
+    def vnni_tasks(U, A, KQ, CS, VQ, VS, O, b):
+        for t in T.parallel(b * H * NRB):
+            S = T.alloc_buffer((MR * NPAD,), "float32")
+            P8 = T.alloc_buffer((MR * NPAD,), "uint8")
+            acc = T.alloc_buffer((MR * max(NR, NV),), "int32")
+            red = T.alloc_buffer((32 + MR,), "float32")
+            for it in range(ATT_RB):
+                i0 = t % NRB * RB + it * MR
+                if i0 + MR <= N:
+                    tile(U, A, KQ, CS, VQ, VS, O, S, P8, acc, red, t // (H * NRB), t // NRB % H, i0, MR)
+                elif i0 < N:
+                    for i in range(N - i0):
+                        tile(U, A, KQ, CS, VQ, VS, O, S, P8, acc, red, t // (H * NRB), t // NRB % H, i0 + i, 1)
+
+    @T.macro
+    def amx_tasks(U, A, KQ, CS, VQ, VS, O, b):
+        for t in T.parallel(b * H):  # a head per task: its buffers and the tile configuration once
+            cfg = T.alloc_buffer((64,), "uint8", align=64)
+            S = T.alloc_buffer((TR * NPAD,), "float32")
+            SI = T.alloc_buffer((16 * NPAD,), "int32", align=64)
+            P8 = T.alloc_buffer((max(TR * NPAD, 16 * NK),), "uint8", align=64)
+            OI = T.alloc_buffer((16 * D,), "int32", align=64)
+            acc = T.alloc_buffer((MR * max(NR, NV),), "int32")
+            red = T.alloc_buffer((32 + TR,), "float32")
+            for i in range(64):  # palette 1, every tile 16 rows x 64 bytes but tmm2 (D bytes of w) and tmm3 (D / 4 key quads)
+                cfg[i] = T.uint8(0)
+            cfg[0] = T.uint8(1)
+            for k in range(8):
+                cfg[16 + 2 * k] = T.uint8(64)
+                cfg[48 + k] = T.uint8(16)
+            cfg[20] = T.uint8(DS)
+            cfg[51] = T.uint8(DS // 4)
+            _amx("ldtilecfg", T.address_of(cfg[0]))
+            for it in range(NT):
+                amx_tile(U, A, KQ, CS, VQ, VS, O, S, SI, P8, OI, red, t // H, t % H, it * 16)
+            _amx("tilerelease")
+            for i in range(N - NT * 16):
+                tile(U, A, KQ, CS, VQ, VS, O, S, P8, acc, red, t // H, t % H, NT * 16 + i, 1)
+
+    tasks = amx_tasks if amx else vnni_tasks
+
     @T.prim_func(s_tir=True)
     def attn(u: T.handle, a: T.handle, kq: T.handle, cs: T.handle, vq: T.handle, vs: T.handle, o: T.handle):
         T.func_attr(
@@ -398,7 +517,7 @@ def mssa_attention_int8(N: int, H: int, D: int, scale: float, name: str, MR: int
                 "tirx.is_scheduled": True,
                 "global_symbol": name,
                 HANDWRITTEN: True,
-                ATTENTION_INT8: f"{N} {H} {D} {scale!r}",
+                ATTENTION_INT8: f"{N} {H} {D} {scale!r} {'amx' if amx else 'vnni'}",
             }
         )
         b = T.int64()
@@ -406,7 +525,7 @@ def mssa_attention_int8(N: int, H: int, D: int, scale: float, name: str, MR: int
         A = T.match_buffer(a, (b, H, NPAD), "float32")
         KQ = T.match_buffer(kq, (b, H, NP, DQ, NR), "int32")
         CS = T.match_buffer(cs, (b, H, NPAD), "int32")
-        VQ = T.match_buffer(vq, (b, H, N4, D), "int32")
+        VQ = T.match_buffer(vq, (b, H, N4V, D), "int32")
         VS = T.match_buffer(vs, (b, H, D), "float32")
         O = T.match_buffer(o, (b, N, H, D), odt)
         with T.sblock("root"):
@@ -416,22 +535,11 @@ def mssa_attention_int8(N: int, H: int, D: int, scale: float, name: str, MR: int
                     A[0:b, 0:H, 0:NPAD],
                     KQ[0:b, 0:H, 0:NP, 0:DQ, 0:NR],
                     CS[0:b, 0:H, 0:NPAD],
-                    VQ[0:b, 0:H, 0:N4, 0:D],
+                    VQ[0:b, 0:H, 0:N4V, 0:D],
                     VS[0:b, 0:H, 0:D],
                 )
                 T.writes(O[0:b, 0:N, 0:H, 0:D])
-                for t in T.parallel(b * H * NRB):
-                    S = T.alloc_buffer((MR * NPAD,), "float32")
-                    P8 = T.alloc_buffer((MR * NPAD,), "uint8")
-                    acc = T.alloc_buffer((MR * max(NR, NV),), "int32")
-                    red = T.alloc_buffer((32 + MR,), "float32")
-                    for it in range(ATT_RB):
-                        i0 = t % NRB * RB + it * MR
-                        if i0 + MR <= N:
-                            tile(U, A, KQ, CS, VQ, VS, O, S, P8, acc, red, t // (H * NRB), t // NRB % H, i0, MR)
-                        elif i0 < N:
-                            for i in range(N - i0):
-                                tile(U, A, KQ, CS, VQ, VS, O, S, P8, acc, red, t // (H * NRB), t // NRB % H, i0 + i, 1)
+                tasks(U, A, KQ, CS, VQ, VS, O, b)
 
     return attn
 
@@ -531,8 +639,22 @@ def fuse_attention(mod, target, precision: str = "float"):
                 found["int8_refused"] = why_not  # printed by the backend, and in the manifest
             if kind == "int8":
                 found["fused"] += 1
-                found["tile"] = {"rows": IMR, "key_panel": 16 * INZ, "value_panel": 16 * (IVZ if D % (16 * IVZ) == 0 else 1), "lanes": 16}
-                return self.int8(x, shape, N, H, D, scale)
+                amx = has_amx(target) and amx_attention_fits(D)
+                if amx:
+                    found["tile"] = {
+                        "amx": "16-row tiles on AMX, the last N % 16 rows on VNNI",
+                        "rows": 16,
+                        "key_panel": 16,
+                        "value_panel": 16,
+                    }
+                else:
+                    found["tile"] = {
+                        "rows": IMR,
+                        "key_panel": 16 * INZ,
+                        "value_panel": 16 * (IVZ if D % (16 * IVZ) == 0 else 1),
+                        "lanes": 16,
+                    }
+                return self.int8(x, shape, N, H, D, scale, amx)
             MR, NR, VL, NV, VV = ks
             key = (N, H, D, round(scale, 12))
             if key not in self.kernels:
@@ -549,16 +671,18 @@ def fuse_attention(mod, target, precision: str = "float"):
             found["tile"] = {"rows": MR, "key_panel": NR, "value_panel": NV, "lanes": VL, "value_lanes": VV}
             return relax.call_tir(at, [x, kt], relax.TensorType(shape, "float32"))
 
-        def int8(self, x, shape, N, H, D, scale):
+        def int8(self, x, shape, N, H, D, scale, amx):
             key = ("int8", N, H, D, round(scale, 12))
             NR = 16 * INZ
             if key not in self.kernels:
                 tag = f"n{N}_h{H}_d{D}"
-                qh = self.builder_.add_func(quantize_heads(N, H, D, NR, f"quantize_heads_{tag}"), f"quantize_heads_{tag}")
-                at = self.builder_.add_func(mssa_attention_int8(N, H, D, scale, f"mssa_attention_int8_{tag}"), f"mssa_attention_int8_{tag}")
+                qh = self.builder_.add_func(quantize_heads(N, H, D, NR, f"quantize_heads_{tag}", amx), f"quantize_heads_{tag}")
+                at = self.builder_.add_func(
+                    mssa_attention_int8(N, H, D, scale, f"mssa_attention_int8_{tag}", amx=amx), f"mssa_attention_int8_{tag}"
+                )
                 self.kernels[key] = qh, at
             qh, at = self.kernels[key]
-            outs = [relax.TensorType([shape[0], *dims], dt) for dims, dt in int8_operands(N, H, D, NR)]
+            outs = [relax.TensorType([shape[0], *dims], dt) for dims, dt in int8_operands(N, H, D, NR, amx)]
             q = self.builder_.emit(relax.call_tir(qh, [x], outs))
             ops = [self.builder_.emit(relax.TupleGetItem(q, i)) for i in range(len(outs))]
             return relax.call_tir(at, ops, relax.TensorType(shape, "float32"))

@@ -145,8 +145,9 @@ class TVMBackend(Backend):
             verified["execution"] = f"TVM Relax VM ({device}) on this machine"
         detail = {}
         if info.get("attention", {}).get("precision", {}).get("int8"):
+            on = "AMX tdpbusd, VNNI vpdpbusd for the last rows" if "amx" in info["attention"].get("tile", {}) else "vpdpbusd"
             detail[INT8_ATTENTION] = (
-                "int8 (vpdpbusd): w per token for w w^T, softmax weights as u8 255ths x w per column for A w, scales at run time"
+                f"int8 ({on}): w per token for w w^T, softmax weights as u8 255ths x w per column for A w, scales at run time"
             )
         return Compiled(
             files=files,

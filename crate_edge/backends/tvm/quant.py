@@ -492,11 +492,11 @@ def quantize_module(mod, module, plan, target):
             attrs = self.builder_.get()[a.args[0]].attrs
             if attrs is None or ATTENTION_INT8 not in attrs:
                 return None
-            N, H, D, scale = str(attrs[ATTENTION_INT8]).split()
-            key = ("attention_quant", N, H, D, scale, sa)
+            N, H, D, scale, on = str(attrs[ATTENTION_INT8]).split()
+            key = ("attention_quant", N, H, D, scale, on, sa)
             if key not in self.kernels:
                 fname = f"mssa_attention_int8_n{N}_h{H}_d{D}_quant"
-                f = mssa_attention_int8(int(N), int(H), int(D), float(scale), fname, out_scale=sa)
+                f = mssa_attention_int8(int(N), int(H), int(D), float(scale), fname, out_scale=sa, amx=on == "amx")
                 self.kernels[key] = self.builder_.add_func(f, fname)
             shape = list(a.args[1].fields[0].ty.shape.values)  # U [b, H, N, D]
             o = self.builder_.emit(
