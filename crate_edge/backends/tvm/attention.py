@@ -348,6 +348,7 @@ def mssa_attention_int8(
     NPAD, N4, DQ = NP * NR, (N + 3) // 4, D // 4
     N4V = value_quads(N, amx)
     NK, DS = N4V * 4, min(D, 64)  # AMX: keys of the A.w product (whole 64-key steps), bytes of w per scores k step
+    KS, DT = D // DS, D // 16  # AMX: scores k steps, output tiles of 16 columns
     NC = NPAD // 16
     RB = ATT_RB * MR
     NRB = (N + RB - 1) // RB
@@ -392,13 +393,20 @@ def mssa_attention_int8(
     @T.macro
     def amx_tile(U, A, KQ, CS, VQ, VS, O, S, SI, P8, OI, red, bb, hh, i0):
         """rows i0..i0+16 of head hh on AMX (the tile configuration loaded by the task)"""
-        for p16 in range(NPAD // 16):  # scores, 16 keys at a time: tmm0 += tmm2 (w rows) x tmm3 (keys)
+        if KS == 1:
+            _amx("tileloadd64", T.int8(2), T.address_of(U[bb, hh, i0, 0]), T.int64(D))
+        for pp in range(NPAD // 32):  # scores, a key panel (32 keys) at a time: tmm0, 1 += tmm2 (w rows) x tmm3, 4 (keys)
             _amx("tilezero", T.int8(0))
-            for ks in range(D // DS):
-                _amx("tileloadd64", T.int8(2), T.address_of(U[bb, hh, i0, ks * DS]), T.int64(D))
-                _amx("tileloadd64", T.int8(3), T.address_of(KQ[bb, hh, p16 // 2, ks * DS // 4, p16 % 2 * 16]), T.int64(NR * 4))
+            _amx("tilezero", T.int8(1))
+            for ks in range(KS):
+                if KS > 1:
+                    _amx("tileloadd64", T.int8(2), T.address_of(U[bb, hh, i0, ks * DS]), T.int64(D))
+                _amx("tileloadd64", T.int8(3), T.address_of(KQ[bb, hh, pp, ks * DS // 4, 0]), T.int64(NR * 4))
+                _amx("tileloadd64", T.int8(4), T.address_of(KQ[bb, hh, pp, ks * DS // 4, 16]), T.int64(NR * 4))
                 _amx("tdpbusd", T.int8(0), T.int8(2), T.int8(3))
-            _amx("tilestored64", T.int8(0), T.address_of(SI[p16 * 16]), T.int64(NPAD * 4))
+                _amx("tdpbusd", T.int8(1), T.int8(2), T.int8(4))
+            _amx("tilestored64", T.int8(0), T.address_of(SI[pp * 32]), T.int64(NPAD * 4))
+            _amx("tilestored64", T.int8(1), T.address_of(SI[pp * 32 + 16]), T.int64(NPAD * 4))
         for r in range(16):
             for c in range(NC):
                 S[T.ramp(r * NPAD + c * 16, 1, 16)] = (
@@ -409,16 +417,19 @@ def mssa_attention_int8(
             for j in range(NK - NPAD):  # no weight on the padding keys of the last k step
                 P8[r * NK + NPAD + j] = T.uint8(0)
         softmax_u8(S, P8, red, 16, NK)
-        for g in range((D + 63) // 64):  # output columns 64 at a time: tmm0, 1, 6, 7 += tmm4 (weights) x tmm5 (values)
-            for z in T.unroll(DS // 16):
-                _amx("tilezero", T.int8(z + z // 2 * 4))
+        for g in T.unroll((DT + 1) // 2):  # output columns 32 at a time: tmm0, 1 += tmm5 (weights) x tmm6, 7 (values)
+            _amx("tilezero", T.int8(0))
+            _amx("tilezero", T.int8(1))
             for ks in range(NK // 64):
-                _amx("tileloadd64", T.int8(4), T.address_of(P8[ks * 64]), T.int64(NK))
-                for z in T.unroll(DS // 16):
-                    _amx("tileloadd64", T.int8(5), T.address_of(VQ[bb, hh, ks * 16, g * 64 + z * 16]), T.int64(D * 4))
-                    _amx("tdpbusd", T.int8(z + z // 2 * 4), T.int8(4), T.int8(5))
-            for z in T.unroll(DS // 16):
-                _amx("tilestored64", T.int8(z + z // 2 * 4), T.address_of(OI[g * 64 + z * 16]), T.int64(D * 4))
+                _amx("tileloadd64", T.int8(5), T.address_of(P8[ks * 64]), T.int64(NK))
+                _amx("tileloadd64", T.int8(6), T.address_of(VQ[bb, hh, ks * 16, g * 32]), T.int64(D * 4))
+                _amx("tdpbusd", T.int8(0), T.int8(5), T.int8(6))
+                if g * 2 + 1 < DT:
+                    _amx("tileloadd64", T.int8(7), T.address_of(VQ[bb, hh, ks * 16, g * 32 + 16]), T.int64(D * 4))
+                    _amx("tdpbusd", T.int8(1), T.int8(5), T.int8(7))
+            _amx("tilestored64", T.int8(0), T.address_of(OI[g * 32]), T.int64(D * 4))
+            if g * 2 + 1 < DT:
+                _amx("tilestored64", T.int8(1), T.address_of(OI[g * 32 + 16]), T.int64(D * 4))
         for r in range(16):
             for q in range(D // 16):
                 O[bb, i0 + r, hh, T.ramp(q * 16, 1, 16)] = store(
@@ -492,7 +503,7 @@ def mssa_attention_int8(
             OI = T.alloc_buffer((16 * D,), "int32", align=64)
             acc = T.alloc_buffer((MR * max(NR, NV),), "int32")
             red = T.alloc_buffer((32 + TR,), "float32")
-            for i in range(64):  # palette 1, every tile 16 rows x 64 bytes but tmm2 (D bytes of w) and tmm3 (D / 4 key quads)
+            for i in range(64):  # palette 1, every tile 16 rows x 64 bytes but tmm2 (DS bytes of w) and tmm3, 4 (DS / 4 key quads)
                 cfg[i] = T.uint8(0)
             cfg[0] = T.uint8(1)
             for k in range(8):
@@ -500,6 +511,7 @@ def mssa_attention_int8(
                 cfg[48 + k] = T.uint8(16)
             cfg[20] = T.uint8(DS)
             cfg[51] = T.uint8(DS // 4)
+            cfg[52] = T.uint8(DS // 4)
             _amx("ldtilecfg", T.address_of(cfg[0]))
             for it in range(NT):
                 amx_tile(U, A, KQ, CS, VQ, VS, O, S, SI, P8, OI, red, t // H, t % H, it * 16)
