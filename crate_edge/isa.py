@@ -16,7 +16,8 @@ time and need only the architecture. Every manifest records `requires`: {"arch",
 them, before any compiled code is touched.
 
 CRATE_EDGE_CPU_FLAGS="avx2 fma ..." makes this module see only those flags (a host to check
-artifacts for, and the tests' fake host); it changes nothing else.
+artifacts for, and the tests' fake host); it changes nothing else, but for whether a TVM `native`
+build adds AMX (backends/tvm/target.py).
 """
 
 from __future__ import annotations
