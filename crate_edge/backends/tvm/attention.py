@@ -13,7 +13,8 @@ and its product with V. q = k = v is what lets one input serve all three.
 from __future__ import annotations
 
 from .schedule import HANDWRITTEN, gemm_tile
-from .target import VNNI, has_amx, kernel_for
+from .target import VNNI, amx_tile_config, has_amx, kernel_for
+from .target import amx as _amx
 
 ATT_RB = 4  # micro tiles per parallel task (28 rows with 7-row tiles: 8 tasks per head at 197 tokens)
 NEG = -3.0e38  # scores of the padding columns: exp gives exactly 0 (fast_exp clamps, 2^-127 -> 0)
@@ -309,12 +310,6 @@ def quantize_heads(N: int, H: int, D: int, NR: int, name: str, amx: bool = False
 ATTENTION_INT8 = "crate_edge.mssa_attention_int8"  # PrimFunc attribute: its N, H, D, scale, amx|vnni (quant.py re-emits it)
 
 
-def _amx(name: str, *args):
-    from tvm.script import tirx as T
-
-    return T.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
-
-
 def mssa_attention_int8(
     N: int, H: int, D: int, scale: float, name: str, MR: int = IMR, NZ: int = INZ, out_scale: float | None = None, amx: bool = False
 ):
@@ -349,6 +344,7 @@ def mssa_attention_int8(
     N4V = value_quads(N, amx)
     NK, DS = N4V * 4, min(D, 64)  # AMX: keys of the A.w product (whole 64-key steps), bytes of w per scores k step
     KS, DT = D // DS, D // 16  # AMX: scores k steps, output tiles of 16 columns
+    tile_config = amx_tile_config()
     NC = NPAD // 16
     RB = ATT_RB * MR
     NRB = (N + RB - 1) // RB
@@ -503,12 +499,7 @@ def mssa_attention_int8(
             OI = T.alloc_buffer((16 * D,), "int32", align=64)
             acc = T.alloc_buffer((MR * max(NR, NV),), "int32")
             red = T.alloc_buffer((32 + TR,), "float32")
-            for i in range(64):  # palette 1, every tile 16 rows x 64 bytes but tmm2 (DS bytes of w) and tmm3, 4 (DS / 4 key quads)
-                cfg[i] = T.uint8(0)
-            cfg[0] = T.uint8(1)
-            for k in range(8):
-                cfg[16 + 2 * k] = T.uint8(64)
-                cfg[48 + k] = T.uint8(16)
+            tile_config(cfg)  # every tile 16 rows x 64 bytes but tmm2 (DS bytes of w) and tmm3, 4 (DS / 4 key quads)
             cfg[20] = T.uint8(DS)
             cfg[51] = T.uint8(DS // 4)
             cfg[52] = T.uint8(DS // 4)

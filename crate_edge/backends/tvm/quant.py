@@ -11,7 +11,8 @@ from ...calibration import calibrate
 from ...errors import CrateEdgeError
 from .attention import ATTENTION_INT8, mssa_attention_int8
 from .schedule import HANDWRITTEN
-from .target import KERNELS, VNNI, has_amx, kernel_for
+from .target import KERNELS, VNNI, amx_tile_config, has_amx, kernel_for
+from .target import amx as _amx
 
 # [quantize] scheme = "int8" on the llvm target: the plan's site GEMMs (crate_edge.quantize
 # policy) become int8 x int8 -> int32 GEMMs; everything else stays in the fp32 pipeline (lower.py).
@@ -126,12 +127,6 @@ def gemm_panels(K: int, N: int, amx: bool) -> tuple[int, bool]:
     return (2, True) if amx and K % 64 == 0 else (vnni_panels(N), False)
 
 
-def _amx(name: str, *args):
-    from tvm.script import tirx as T
-
-    return T.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
-
-
 def _qgemm_vnni(K: int, N: int, name: str, mr: int = VMR, nz: int = VNZ, epilogue: str = "", amx: bool = False):
     """TIR, AVX-512 VNNI: C[m, NPAD] = float(A_u8 @ W^T - comp) * s. A: uint8 [m, KQ*4] (int8
     values + 128, K padded to a multiple of 4 with 128s), W: int8 [NPAD/NR, KQ, NR*4] (per panel
@@ -197,6 +192,7 @@ def _qgemm_vnni(K: int, N: int, name: str, mr: int = VMR, nz: int = VNZ, epilogu
             tile(acc, A, W, comp, s, bias, R, C, m - (m - i0) % mr + i, p, 1)
 
     S, KS = KQ * 4, KQ // 16  # A's row stride in bytes, k steps of 64
+    tile_config = amx_tile_config()
 
     @T.macro
     def amx_tasks(A, W, comp, s, bias, R, C, m):
@@ -204,12 +200,7 @@ def _qgemm_vnni(K: int, N: int, name: str, mr: int = VMR, nz: int = VNZ, epilogu
             cfg = T.alloc_buffer((64,), "uint8", align=64)
             tc = T.alloc_buffer((AMX_ROWS, NR), "int32", align=64)
             acc = T.alloc_buffer((mr * NR,), "int32")
-            for i in range(64):  # palette 1; every tile 16 rows x 64 bytes
-                cfg[i] = T.uint8(0)
-            cfg[0] = T.uint8(1)
-            for t in range(8):
-                cfg[16 + 2 * t] = T.uint8(64)
-                cfg[48 + t] = T.uint8(16)
+            tile_config(cfg)  # every tile 16 rows x 64 bytes
             _amx("ldtilecfg", T.address_of(cfg[0]))
             for b in range(m // AMX_ROWS):
                 for t in T.unroll(4):  # tile numbers are immediates

@@ -103,4 +103,30 @@ def has_amx(target) -> bool:
     return all(codegen.target_has_features(f, target) for f in ("amx-tile", "amx-int8"))
 
 
-VNNI = "llvm.x86.avx512.vpdpbusd.512"  # the LLVM intrinsic of vpdpbusd on zmm
+VNNI = "llvm.x86.avx512.vpdpbusd.512"
+
+
+def amx(name: str, *args):
+    """An AMX instruction in TIR: the LLVM intrinsic llvm.x86.<name> (tile numbers are immediates:
+    constants, or the variable of an unrolled loop). The tiles' shapes come from the configuration
+    loaded before (amx_tile_config, then amx("ldtilecfg", ..))."""
+    from tvm.script import tirx as T
+
+    return T.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
+
+
+def amx_tile_config():
+    """A T.macro filling a 64-byte AMX tile configuration: palette 1, every tile 16 rows x 64 bytes
+    (colsb of tile t at byte 16 + 2t, rows at 48 + t; a kernel overrides single tiles after it)."""
+    from tvm.script import tirx as T
+
+    @T.macro
+    def fill(cfg):
+        for i in range(64):
+            cfg[i] = T.uint8(0)
+        cfg[0] = T.uint8(1)
+        for k in range(8):
+            cfg[16 + 2 * k] = T.uint8(64)
+            cfg[48 + k] = T.uint8(16)
+
+    return fill  # the LLVM intrinsic of vpdpbusd on zmm
