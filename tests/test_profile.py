@@ -76,6 +76,12 @@ def test_profile_attributes_blocks_and_kinds(small, name, tmp_path):
     assert sum(b["ms"] for b in blocks.values()) == pytest.approx(rep.total_ms, rel=1e-6)
     assert sum(rep.engines().values()) == pytest.approx(rep.total_ms, rel=1e-6)
     assert {k.kind for k in rep.kernels} <= set(KINDS) and {k.engine for k in rep.kernels} <= set(ENGINES)
+    # block other is split into what lies outside the kernels without the profiler and the profiler's own cost
+    if "other" in blocks:
+        split = [n for n in rep.notes if "lies outside every kernel" in n]
+        assert len(split) == 1, rep.notes
+        inside = sum(k.us for k in rep.kernels if k.block != "other") / 1e3 / rep.runs_used
+        assert f"{inside:.3f} ms per run" in split[0] and f"{max(0.0, rep.unprofiled_ms - inside):.3f} ms" in split[0]
     # the structure of a CRATE layer shows in the kinds
     for l in range(DEPTH):
         assert blocks[f"layer{l}.mssa"]["attention"] > 0 and blocks[f"layer{l}.mssa"]["ista"] == 0

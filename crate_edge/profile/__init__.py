@@ -173,6 +173,15 @@ def profile(
     used = sorted(np.argsort(totals, kind="stable")[: max(1, -(-iters // 2))].tolist())
     for k in kernels:
         k.us = float(sum(k.per_run[i] for i in used))
+    if rest is not None:
+        # block other holds the profiler's own cost too (TVM's Python hook runs around every VM
+        # instruction): the unprofiled latency bounds what really lies outside the kernels
+        inside = sum(k.us for k in kernels if k is not rest) / 1e3 / len(used)
+        notes.append(
+            f"the kernels' times sum to {inside:.3f} ms per run and the run without the profiler takes {unprofiled:.3f} ms, "
+            f"so about {max(0.0, unprofiled - inside):.3f} ms of it lies outside every kernel; the rest of block other "
+            f"({rest.us / 1e3 / len(used):.3f} ms) is the profiler's own cost"
+        )
     if fid is not None and not fid["probe"]:
         notes.append(NOT_PROBE)
     return ProfileReport(
