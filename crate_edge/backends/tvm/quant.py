@@ -196,7 +196,7 @@ def _qgemm_vnni(K: int, N: int, name: str, mr: int = VMR, nz: int = VNZ, epilogu
 
     @T.macro
     def amx_tasks(A, W, comp, s, bias, R, C, m):
-        for p in T.parallel(NP):  # a panel per task: its 12 KiB of weights stay in L1
+        for p in T.parallel(NP):  # a panel per task: its K x 32 bytes of weights (12 KiB at K = 384) stay in L1
             cfg = T.alloc_buffer((64,), "uint8", align=64)
             tc = T.alloc_buffer((AMX_ROWS, NR), "int32", align=64)
             acc = T.alloc_buffer((mr * NR,), "int32")
@@ -483,11 +483,11 @@ def quantize_module(mod, module, plan, target):
             attrs = self.builder_.get()[a.args[0]].attrs
             if attrs is None or ATTENTION_INT8 not in attrs:
                 return None
-            N, H, D, scale, on = str(attrs[ATTENTION_INT8]).split()
-            key = ("attention_quant", N, H, D, scale, on, sa)
+            N, H, D, scale, products = str(attrs[ATTENTION_INT8]).split()
+            key = ("attention_quant", N, H, D, scale, products, sa)
             if key not in self.kernels:
                 fname = f"mssa_attention_int8_n{N}_h{H}_d{D}_quant"
-                f = mssa_attention_int8(int(N), int(H), int(D), float(scale), fname, out_scale=sa, amx=on == "amx")
+                f = mssa_attention_int8(int(N), int(H), int(D), float(scale), fname, out_scale=sa, amx=products == "amx")
                 self.kernels[key] = self.builder_.add_func(f, fname)
             shape = list(a.args[1].fields[0].ty.shape.values)  # U [b, H, N, D]
             o = self.builder_.emit(
