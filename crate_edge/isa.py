@@ -131,13 +131,18 @@ AMX = ("amx_tile", "amx_int8")  # /proc/cpuinfo's AMX tiles and their int8 dot p
 _amx_granted = False
 
 
+def host_has_amx() -> bool:
+    """This host (its flags, or CRATE_EDGE_CPU_FLAGS) has AMX int8 tiles."""
+    return host_arch() == "x86_64" and set(AMX) <= host_flags()
+
+
 def request_amx() -> None:
     """Ask Linux for this process's AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM,
     XFEATURE_XTILEDATA): without it the first AMX instruction kills the process with SIGILL.
     Once per process, for every thread; a no-op on a host without AMX. Code that may run AMX
     tiles (TVM's AMX int8 GEMMs) calls this before its library is loaded."""
     global _amx_granted
-    if _amx_granted or not set(AMX) <= host_flags() or host_arch() != "x86_64" or platform.system() != "Linux":
+    if _amx_granted or not host_has_amx() or platform.system() != "Linux":
         return
     import ctypes
 

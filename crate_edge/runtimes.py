@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import isa
 from .errors import BackendUnavailable
 
 ONNX_FILE = "model.onnx"  # the files each of these backends writes into an artifact
@@ -79,8 +80,6 @@ def tvm_vm_runner(lib_path: Path, device: str, threads: int | None = None):
     batch (crate_edge.runtime.Runner fits batches to the artifact's batch range)."""
     import tvm
     from tvm.runtime import vm as rvm
-
-    from . import isa
 
     _tvm_threads(tvm, threads)
     isa.request_amx()  # a native library on an AMX host may hold AMX GEMMs (backends/tvm/quant.py)

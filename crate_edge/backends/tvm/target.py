@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ...errors import CrateEdgeError
-from ...isa import AMX, host_arch, host_flags
+from ...isa import host_has_amx
 
 
 def _say(msg: str) -> None:
@@ -65,7 +65,7 @@ def make_target(spec, isa: str = "native"):
             spec.update(CROSS[isa]["target"])
         else:
             spec["mcpu"] = codegen.llvm_get_system_cpu() if isa == "native" else isa
-        if isa == "native" and set(AMX) <= host_flags() and host_arch() == "x86_64":
+        if isa == "native" and host_has_amx():
             # LLVM names the CPU from its model number, which a virtual machine may report as an
             # older one (model 167, "rocketlake", on an AMX Xeon here): the tiles come from the flags
             spec["mattr"] = sorted(set(spec.get("mattr", [])) | {"+amx-tile", "+amx-int8"})
@@ -103,7 +103,7 @@ def has_amx(target) -> bool:
     return all(codegen.target_has_features(f, target) for f in ("amx-tile", "amx-int8"))
 
 
-VNNI = "llvm.x86.avx512.vpdpbusd.512"
+VNNI = "llvm.x86.avx512.vpdpbusd.512"  # the LLVM intrinsic of vpdpbusd on zmm
 
 
 def amx(name: str, *args):
@@ -129,4 +129,4 @@ def amx_tile_config():
             cfg[16 + 2 * k] = T.uint8(64)
             cfg[48 + k] = T.uint8(16)
 
-    return fill  # the LLVM intrinsic of vpdpbusd on zmm
+    return fill
