@@ -45,6 +45,33 @@ def _fast_exp(v, VL: int):
     return tirx.call_intrin(f32, "tirx.reinterpret", bits) * y
 
 
+LOG2E = 1.4426950408889634
+LOG2_255 = 7.994353436858858
+
+
+def _exp2_u8(t, VL: int):
+    """round(2^t) as int32xVL for t <= log2 255 (softmax_u8's weights): 2^n by the exponent bits
+    times a degree-4 Taylor 2^f on [-1/2, 1/2] (relative error 5.6e-5, 0.01 of a u8 step); t
+    clamped at -24, where the weight has long been 0."""
+    from tvm import tirx
+
+    c = lambda x: tirx.Broadcast(tirx.const(x, "float32"), VL)  # noqa: E731
+    x = tirx.max(t, c(-24.0))
+    n = tirx.round(x)
+    f = x - n
+    p = c(9.6181291076e-3)
+    for k in (5.5504108665e-2, 2.4022650696e-1, 6.9314718056e-1, 1.0):
+        p = p * f + c(k)
+    two_n = tirx.call_intrin(
+        f"float32x{VL}",
+        "tirx.reinterpret",
+        tirx.shift_left(
+            tirx.Cast(f"int32x{VL}", n) + tirx.Broadcast(tirx.const(127, "int32"), VL), tirx.Broadcast(tirx.const(23, "int32"), VL)
+        ),
+    )
+    return tirx.Cast(f"int32x{VL}", p * two_n + c(0.5))
+
+
 def pack_keys(N: int, H: int, D: int, NR: int, name: str):
     """TIR: X [B, N, H, D] -> KT [B, H, NP, D, NR], each head's keys transposed into panels of
     NR tokens (zero past N): the scores micro-kernel reads NR contiguous keys per d."""
@@ -345,12 +372,12 @@ def mssa_attention_int8(
     NK, DS = N4V * 4, min(D, 64)  # AMX: keys of the A.w product (whole 64-key steps), bytes of w per scores k step
     KS, DT = D // DS, D // 16  # AMX: scores k steps, output tiles of 16 columns
     tile_config = amx_tile_config()
-    NC = NPAD // 16
+    NCV = (N + 15) // 16  # score vectors per row that hold a key
     RB = ATT_RB * MR
     NRB = (N + RB - 1) // RB
     NT = N // 16  # whole 16-row AMX tiles
     TR = max(MR, 16)  # rows of the per-task buffers
-    sc = float(scale)
+    sc = float(scale) * LOG2E  # scores in base-2 units: the softmax's exp is a power of 2
 
     def dot(acc_vec, a_u8x4, b_s8x64):
         # LLVM 22 takes both byte operands as <64 x i8> (quant.py's VNNI kernel)
@@ -365,26 +392,43 @@ def mssa_attention_int8(
                 acc[T.ramp(r * width + z * 16, 1, 16)] = T.broadcast(T.int32(0), 16)
 
     @T.macro
+    def row_weights(S, P8, red, r, ps):
+        """score row r of S (base-2 units, scores * log2 e; its max vector in red[0:16]) to u8
+        weights round(255 2^(s - max)) in P8 (row stride ps), 1 / their sum in red[32 + r];
+        columns past the row's last score vector are not written (the callers zero the weights
+        there where their products read them)"""
+        # the max lands on 255 exactly: 2^(s - max + log2 255)
+        red[16] = T.call_llvm_pure_intrin("float32", "llvm.vector.reduce.fmax", red[T.ramp(0, 1, 16)]) - T.float32(LOG2_255)
+        isum = T.alloc_buffer((16,), "int32")
+        isum[T.ramp(0, 1, 16)] = T.broadcast(T.int32(0), 16)
+        for c in range(NCV):
+            w = _exp2_u8(S[T.ramp(r * NPAD + c * 16, 1, 16)] - T.broadcast(red[16], 16), 16)
+            isum[T.ramp(0, 1, 16)] = isum[T.ramp(0, 1, 16)] + w
+            P8[T.ramp(r * ps + c * 16, 1, 16)] = T.cast(w, "uint8x16")
+        red[32 + r] = T.float32(1) / T.cast(T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add", isum[T.ramp(0, 1, 16)]), "float32")
+
+    def keys_only(c, v):
+        """v, the score vector c of a row, with NEG on the padding keys (past N)"""
+        return T.Select(T.ramp(c * 16, 1, 16) < T.broadcast(N, 16), v, T.broadcast(T.float32(NEG), 16))
+
+    @T.macro
     def softmax_u8(S, P8, red, rows, ps):
-        """each score row of S to u8 weights round(255 exp(s - max)) in P8 (row stride ps), 1 / their sum in red[32 + r]"""
+        """row_weights of each of the first rows score rows of S"""
         for r in range(rows):
-            for j in range(NPAD - N):
-                S[r * NPAD + N + j] = T.float32(NEG)
+            last = r * NPAD + (NCV - 1) * 16
+            S[T.ramp(last, 1, 16)] = keys_only(NCV - 1, S[T.ramp(last, 1, 16)])
             red[T.ramp(0, 1, 16)] = S[T.ramp(r * NPAD, 1, 16)]
-            for c in range(1, NC):
+            for c in range(1, NCV):
                 red[T.ramp(0, 1, 16)] = T.max(red[T.ramp(0, 1, 16)], S[T.ramp(r * NPAD + c * 16, 1, 16)])
-            for k in range(1, 16):
-                red[0] = T.max(red[0], red[k])
-            red[T.ramp(16, 1, 16)] = T.broadcast(T.float32(0), 16)
-            for c in range(NC):
-                S[T.ramp(r * NPAD + c * 16, 1, 16)] = T.round(
-                    _fast_exp(S[T.ramp(r * NPAD + c * 16, 1, 16)] - T.broadcast(red[0], 16), 16) * T.broadcast(T.float32(255), 16)
-                )
-                red[T.ramp(16, 1, 16)] = red[T.ramp(16, 1, 16)] + S[T.ramp(r * NPAD + c * 16, 1, 16)]
-                P8[T.ramp(r * ps + c * 16, 1, 16)] = T.cast(T.cast(S[T.ramp(r * NPAD + c * 16, 1, 16)], "int32x16"), "uint8x16")
-            for k in range(1, 16):
-                red[16] = red[16] + red[16 + k]
-            red[32 + r] = T.float32(1) / red[16]
+            row_weights(S, P8, red, r, ps)
+
+    def score(SI, CS, A, bb, hh, i0, r, c):
+        """score vector c of row i0 + r from the AMX scores tile SI: (q_i . q_j + 128 sum_j - 128 sum_j) * a_i * a_j * scale"""
+        return (
+            T.cast(SI[T.ramp(r * NPAD + c * 16, 1, 16)] - CS.vload([bb, hh, c * 16], "int32x16"), "float32x16")
+            * A.vload([bb, hh, c * 16], "float32x16")
+            * T.broadcast(A[bb, hh, i0 + r] * T.float32(sc), 16)
+        )
 
     @T.macro
     def amx_tile(U, A, KQ, CS, VQ, VS, O, S, SI, P8, OI, red, bb, hh, i0):
@@ -403,16 +447,12 @@ def mssa_attention_int8(
                 _amx("tdpbusd", T.int8(1), T.int8(2), T.int8(4))
             _amx("tilestored64", T.int8(0), T.address_of(SI[pp * 32]), T.int64(NPAD * 4))
             _amx("tilestored64", T.int8(1), T.address_of(SI[pp * 32 + 16]), T.int64(NPAD * 4))
-        for r in range(16):
-            for c in range(NC):
-                S[T.ramp(r * NPAD + c * 16, 1, 16)] = (
-                    T.cast(SI[T.ramp(r * NPAD + c * 16, 1, 16)] - CS.vload([bb, hh, c * 16], "int32x16"), "float32x16")
-                    * A.vload([bb, hh, c * 16], "float32x16")
-                    * T.broadcast(A[bb, hh, i0 + r] * T.float32(sc), 16)
-                )
-            for j in range(NK - NPAD):  # no weight on the padding keys of the last k step
-                P8[r * NK + NPAD + j] = T.uint8(0)
-        softmax_u8(S, P8, red, 16, NK)
+        for r in range(16):  # the scores of a row and their max in one pass, then its weights
+            red[T.ramp(0, 1, 16)] = T.broadcast(T.float32(NEG), 16)
+            for c in range(NCV):
+                S[T.ramp(r * NPAD + c * 16, 1, 16)] = keys_only(c, score(SI, CS, A, bb, hh, i0, r, c))
+                red[T.ramp(0, 1, 16)] = T.max(red[T.ramp(0, 1, 16)], S[T.ramp(r * NPAD + c * 16, 1, 16)])
+            row_weights(S, P8, red, r, NK)
         for g in T.unroll((DT + 1) // 2):  # output columns 32 at a time: tmm0, 1 += tmm5 (weights) x tmm6, 7 (values)
             _amx("tilezero", T.int8(0))
             _amx("tilezero", T.int8(1))
@@ -504,6 +544,9 @@ def mssa_attention_int8(
             cfg[51] = T.uint8(DS // 4)
             cfg[52] = T.uint8(DS // 4)
             _amx("ldtilecfg", T.address_of(cfg[0]))
+            for r in range(16):  # no weight on the padding keys of the last k step (softmax_u8 writes the keys' vectors only)
+                for j in range(NK - NCV * 16):
+                    P8[r * NK + NCV * 16 + j] = T.uint8(0)
             for it in range(NT):
                 amx_tile(U, A, KQ, CS, VQ, VS, O, S, SI, P8, OI, red, t // H, t % H, it * 16)
             _amx("tilerelease")
