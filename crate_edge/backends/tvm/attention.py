@@ -422,12 +422,13 @@ def mssa_attention_int8(
                 red[T.ramp(0, 1, 16)] = T.max(red[T.ramp(0, 1, 16)], S[T.ramp(r * NPAD + c * 16, 1, 16)])
             row_weights(S, P8, red, r, ps)
 
-    def score(SI, CS, A, bb, hh, i0, r, c):
-        """score vector c of row i0 + r from the AMX scores tile SI: (q_i . q_j + 128 sum_j - 128 sum_j) * a_i * a_j * scale"""
+    def score(dots, CS, A, bb, hh, i, j):
+        """the scores of row i with keys j..j+16 from their u8 x s8 dot products (int32x16):
+        (q_i . q_j + 128 sum_j - 128 sum_j) * a_i * a_j * scale"""
         return (
-            T.cast(SI[T.ramp(r * NPAD + c * 16, 1, 16)] - CS.vload([bb, hh, c * 16], "int32x16"), "float32x16")
-            * A.vload([bb, hh, c * 16], "float32x16")
-            * T.broadcast(A[bb, hh, i0 + r] * T.float32(sc), 16)
+            T.cast(dots - CS.vload([bb, hh, j], "int32x16"), "float32x16")
+            * A.vload([bb, hh, j], "float32x16")
+            * T.broadcast(A[bb, hh, i] * T.float32(sc), 16)
         )
 
     @T.macro
@@ -450,7 +451,9 @@ def mssa_attention_int8(
         for r in range(16):  # the scores of a row and their max in one pass, then its weights
             red[T.ramp(0, 1, 16)] = T.broadcast(T.float32(NEG), 16)
             for c in range(NCV):
-                S[T.ramp(r * NPAD + c * 16, 1, 16)] = keys_only(c, score(SI, CS, A, bb, hh, i0, r, c))
+                S[T.ramp(r * NPAD + c * 16, 1, 16)] = keys_only(
+                    c, score(SI[T.ramp(r * NPAD + c * 16, 1, 16)], CS, A, bb, hh, i0 + r, c * 16)
+                )
                 red[T.ramp(0, 1, 16)] = T.max(red[T.ramp(0, 1, 16)], S[T.ramp(r * NPAD + c * 16, 1, 16)])
             row_weights(S, P8, red, r, NK)
         for g in T.unroll((DT + 1) // 2):  # output columns 32 at a time: tmm0, 1 += tmm5 (weights) x tmm6, 7 (values)
@@ -476,7 +479,6 @@ def mssa_attention_int8(
 
     @T.macro
     def tile(U, A, KQ, CS, VQ, VS, O, S, P8, acc, red, bb, hh, i0, rows):
-        # scores: S[r, :] = (q_i . q_j + 128 sum_j - 128 sum_j) * a_i * a_j * scale
         for p in range(NP):
             zero(acc, rows, NR)
             for k in range(DQ):
@@ -489,10 +491,8 @@ def mssa_attention_int8(
                         )
             for r in T.unroll(rows):
                 for z in T.unroll(NZ):
-                    S[T.ramp(r * NPAD + p * NR + z * 16, 1, 16)] = (
-                        T.cast(acc[T.ramp(r * NR + z * 16, 1, 16)] - CS.vload([bb, hh, p * NR + z * 16], "int32x16"), "float32x16")
-                        * A.vload([bb, hh, p * NR + z * 16], "float32x16")
-                        * T.broadcast(A[bb, hh, i0 + r] * T.float32(sc), 16)
+                    S[T.ramp(r * NPAD + p * NR + z * 16, 1, 16)] = score(
+                        acc[T.ramp(r * NR + z * 16, 1, 16)], CS, A, bb, hh, i0 + r, p * NR + z * 16
                     )
         softmax_u8(S, P8, red, rows, NPAD)
         # O[i0 + r] = (P8[r] . VQ) * v / sum
@@ -544,7 +544,7 @@ def mssa_attention_int8(
             cfg[51] = T.uint8(DS // 4)
             cfg[52] = T.uint8(DS // 4)
             _amx("ldtilecfg", T.address_of(cfg[0]))
-            for r in range(16):  # no weight on the padding keys of the last k step (softmax_u8 writes the keys' vectors only)
+            for r in range(16):  # no weight on the padding keys of the last k step (row_weights writes the keys' vectors only)
                 for j in range(NK - NCV * 16):
                     P8[r * NK + NCV * 16 + j] = T.uint8(0)
             for it in range(NT):
