@@ -27,12 +27,22 @@ def vector_lanes(target) -> int:
     return 16 if codegen.target_has_features("avx512f", target) else 8
 
 
+def _pow2(n, VL: int):
+    """2^n as float32xVL for a float32xVL n of whole numbers: n + 127 in the exponent bits (exact
+    for -126..127; -127 gives 0, which _fast_exp's clamp at -88.38 relies on)."""
+    from tvm import tirx
+
+    bits = tirx.shift_left(
+        tirx.Cast(f"int32x{VL}", n) + tirx.Broadcast(tirx.const(127, "int32"), VL), tirx.Broadcast(tirx.const(23, "int32"), VL)
+    )
+    return tirx.call_intrin(f"float32x{VL}", "tirx.reinterpret", bits)
+
+
 def _fast_exp(v, VL: int):
     """topi.fast_exp on a float32xVL vector (the softmax legalisation's exp): clamp, 2^n by the
     exponent bits, a degree-7 polynomial for the rest (relative error ~1e-7); exactly 0 below -88.38."""
     from tvm import tirx
 
-    f32 = f"float32x{VL}"
     c = lambda x: tirx.Broadcast(tirx.const(x, "float32"), VL)  # noqa: E731
     x = tirx.max(tirx.min(v, c(88.3762626647950)), c(-88.3762626647949))
     n = tirx.floor(x * c(1.44269504088896341) + c(0.5))
@@ -41,8 +51,7 @@ def _fast_exp(v, VL: int):
     for k in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
         p = p * f + c(k)
     y = p * f * f + f + c(1.0)
-    bits = tirx.shift_left(tirx.Cast(f"int32x{VL}", n + c(127.0)), tirx.Broadcast(tirx.const(23, "int32"), VL))
-    return tirx.call_intrin(f32, "tirx.reinterpret", bits) * y
+    return _pow2(n, VL) * y
 
 
 LOG2E = 1.4426950408889634
@@ -62,14 +71,7 @@ def _exp2_u8(t, VL: int):
     p = c(9.6181291076e-3)
     for k in (5.5504108665e-2, 2.4022650696e-1, 6.9314718056e-1, 1.0):
         p = p * f + c(k)
-    two_n = tirx.call_intrin(
-        f"float32x{VL}",
-        "tirx.reinterpret",
-        tirx.shift_left(
-            tirx.Cast(f"int32x{VL}", n) + tirx.Broadcast(tirx.const(127, "int32"), VL), tirx.Broadcast(tirx.const(23, "int32"), VL)
-        ),
-    )
-    return tirx.Cast(f"int32x{VL}", p * two_n + c(0.5))
+    return tirx.Cast(f"int32x{VL}", p * _pow2(n, VL) + c(0.5))
 
 
 def pack_keys(N: int, H: int, D: int, NR: int, name: str):
