@@ -54,6 +54,19 @@ def _fast_exp(v, VL: int):
     return _pow2(n, VL) * y
 
 
+def reduce_lanes(v, VL: int, op=None):
+    """op (default max) over the lanes of a VL-lane vector as a tree of halves: log2 VL vector
+    ops on shuffles, where a lane-by-lane loop is a chain of VL - 1 (and llvm.vector.reduce.fmax
+    also orders NaNs, a compare and a blend each step). Sums in this order, not lane order."""
+    from tvm import tirx
+
+    op = op or tirx.max
+    while VL > 1:
+        VL //= 2
+        v = op(tirx.Shuffle([v], list(range(VL))), tirx.Shuffle([v], list(range(VL, 2 * VL))))
+    return v
+
+
 LOG2E = 1.4426950408889634
 LOG2_255 = 7.994353436858858
 
@@ -291,8 +304,7 @@ def quantize_heads(N: int, H: int, D: int, NR: int, name: str, amx: bool = False
                             cm[T.ramp(c * 16, 1, 16)] = T.max(
                                 cm[T.ramp(c * 16, 1, 16)], T.abs(X.vload([t // H, n, t % H, c * 16], "float32x16"))
                             )
-                        for k in range(1, 16):
-                            red[0] = T.max(red[0], red[k])
+                        red[0] = reduce_lanes(red[T.ramp(0, 1, 16)], 16)
                         A[t // H, t % H, n] = T.max(red[0], T.float32(TINY)) / T.float32(127)
                         red[1] = T.float32(127) / T.max(red[0], T.float32(TINY))
                         iv[T.ramp(0, 1, 16)] = T.broadcast(T.int32(0), 16)
@@ -303,9 +315,7 @@ def quantize_heads(N: int, H: int, D: int, NR: int, name: str, amx: bool = False
                             U[t // H, t % H, n, T.ramp(c * 16, 1, 16)] = T.cast(qv + T.broadcast(T.int32(128), 16), "uint8x16")
                             qb[T.ramp(c * 16, 1, 16)] = T.cast(qv, "int8x16")
                             iv[T.ramp(0, 1, 16)] = iv[T.ramp(0, 1, 16)] + qv
-                        for k in range(1, 16):
-                            iv[0] = iv[0] + iv[k]
-                        CS[t // H, t % H, n] = iv[0] * 128
+                        CS[t // H, t % H, n] = T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add", iv[T.ramp(0, 1, 16)]) * 128
                         for k in range(DQ):
                             KQ[t // H, t % H, n // NR, k, n % NR] = T.reinterpret("int32", qb.vload([k * 4], "int8x4"))
                     for n in range(N, NPAD):
@@ -400,7 +410,7 @@ def mssa_attention_int8(
         columns past the row's last score vector are not written (the callers zero the weights
         there where their products read them)"""
         # the max lands on 255 exactly: 2^(s - max + log2 255)
-        red[16] = T.call_llvm_pure_intrin("float32", "llvm.vector.reduce.fmax", red[T.ramp(0, 1, 16)]) - T.float32(LOG2_255)
+        red[16] = reduce_lanes(red[T.ramp(0, 1, 16)], 16) - T.float32(LOG2_255)
         isum = T.alloc_buffer((16,), "int32")
         isum[T.ramp(0, 1, 16)] = T.broadcast(T.int32(0), 16)
         for c in range(NCV):
