@@ -19,6 +19,11 @@ function (tests hold every pass to <= 1e-5 in fp32) in a form some backend runs 
                     bmm but not the expand_copy that 4-D batched matmul lowers to
   linear_layernorm  LayerNorm as mean/variance through F.linear with a 1/d row: XNNPACK has no
                     layer_norm, but linear/sub/mul/add/rsqrt delegate
+  channel_major_patches
+                    CRATE's patches in Conv2d's (c, p1, p2) order, the patch LayerNorm's
+                    affine and the embedding Linear's columns permuted to match: both
+                    rearranging permutes move whole pixel rows, where upstream's (p1, p2, c)
+                    puts channels innermost (a gather at stride c)
   patch_linear      CRATE-α's Conv2d patch embedding (kernel = stride = patch) as patches
                     flattened in Conv2d's (c, p1, p2) order times an nn.Linear over the conv's
                     weight: the quantizers' embedding site is a Linear in both families
@@ -47,7 +52,7 @@ from torch import nn
 
 from .crate_alpha import CrateAlpha, OvercompleteISTA
 from .errors import CrateEdgeError
-from .model import CRATE, ISTA, MSSA
+from .model import CRATE, ISTA, MSSA, _pair
 
 PASSES: dict[str, Callable[[CRATE], CRATE]] = {}
 
@@ -321,6 +326,60 @@ def shift_patch_norm(model: CRATE) -> CRATE:
     return model
 
 
+# ------------------------------------------------------------------ patch order
+
+
+def channel_major_patches(img: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """b c (h p1) (w p2) -> b (h w) (c p1 p2), Conv2d's order. Both permutes move whole rows of
+    pw pixels (then whole ph x pw planes), where upstream's (p1 p2 c) order puts the channels
+    innermost, a gather of single floats at stride c. Rank <= 5 throughout (Core ML)."""
+    b, c, H, W = img.shape
+    h, w = H // ph, W // pw
+    x = img.reshape(b * c, h, ph, w, pw).permute(0, 1, 3, 2, 4)  # (b c) h w p1 p2
+    return x.reshape(b, c, h * w, ph * pw).permute(0, 2, 1, 3).reshape(b, h * w, c * ph * pw)
+
+
+class ChannelMajorPatches(nn.Module):
+    def __init__(self, patch_size):
+        super().__init__()
+        self.ph, self.pw = _pair(patch_size)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        return channel_major_patches(img, self.ph, self.pw)
+
+
+@register("channel_major_patches")
+def channel_major_patches_pass(model: CRATE) -> CRATE:
+    """Patches in (c p1 p2) order, with the patch LayerNorm's affine and the embedding Linear's
+    input columns permuted to match (new parameter tensors: a deployment form, not a view to
+    train through with share_parameters): the same function (LayerNorm's mean and variance do not
+    depend on the order; element 0 is pixel (0, 0) of channel 0 in both orders, so
+    shift_patch_norm's pick is unchanged), a cheaper rearrange."""
+    if isinstance(model, CrateAlpha):  # its Conv2d reads (c p1 p2) already (patch_linear)
+        return model
+    emb = model.to_patch_embedding
+    if isinstance(emb[0], ChannelMajorPatches):
+        return model
+    ph, pw = emb[0].ph, emb[0].pw
+    c = model.cfg.channels
+    # column j of the new order, (c, p1, p2), is column perm[j] of upstream's (p1, p2, c)
+    perm = torch.arange(ph * pw * c).reshape(ph * pw, c).t().reshape(-1)
+    shifted = isinstance(emb[1], ShiftedLayerNorm)
+    ln, lin = copy.copy(emb[1].ln if shifted else emb[1]), copy.copy(emb[2])
+    for m, names in ((ln, ("weight", "bias")), (lin, ("weight",))):
+        m._parameters = dict(m._parameters)  # new tensors: the input's stay as they are
+        for n in names:
+            t = getattr(m, n)
+            if t is not None:
+                setattr(m, n, nn.Parameter(t.detach()[..., perm].clone(), requires_grad=t.requires_grad))
+    emb[0], emb[2] = ChannelMajorPatches((ph, pw)), lin
+    if shifted:
+        emb[1].ln = ln
+    else:
+        emb[1] = ln
+    return model
+
+
 # ------------------------------------------------------------------ CRATE-α patch embedding
 
 
@@ -340,12 +399,8 @@ class PatchLinear(nn.Module):
         self.linear.requires_grad_(conv.weight.requires_grad)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
-        b, c, H, W = img.shape
-        h, w = H // self.ph, W // self.pw
-        # rank <= 5 throughout (Core ML): (b c) h p1 w p2 -> (b c) h w p1 p2 -> b (h w) (c p1 p2)
-        x = img.reshape(b * c, h, self.ph, w, self.pw).permute(0, 1, 3, 2, 4)
-        x = x.reshape(b, c, h * w, self.ph * self.pw).permute(0, 2, 1, 3).reshape(b, h * w, c * self.ph * self.pw)
-        return self.linear(x).transpose(1, 2).unflatten(2, (h, w))
+        h, w = img.shape[2] // self.ph, img.shape[3] // self.pw
+        return self.linear(channel_major_patches(img, self.ph, self.pw)).transpose(1, 2).unflatten(2, (h, w))
 
 
 @register("patch_linear")

@@ -56,7 +56,7 @@ def test_manifest_precision_and_quantization_block(model, art):
     assert q["config"]["scheme"] == "int8" and q["config"]["ista"] == "update"
     assert sorted(q["sites"]) == sorted(sites) and q["calibration"]["split"] == "train"
     assert "layer_norm" in q["keep_float"] and "softmax" in q["keep_float"]
-    assert m["rewrites"] == ["shift_patch_norm", "fold_ista_update"]
+    assert m["rewrites"] == ["shift_patch_norm", "channel_major_patches", "fold_ista_update"]
     prec = m["precision"]
     assert prec["default"] == "fp32"
     assert set(prec["sites"]) == set(sites) and all(v.startswith("int8") for v in prec["sites"].values())

@@ -24,6 +24,8 @@ def _x(m, b=3):
 
 COMBOS = [[p] for p in PASSES] + [
     ["shift_patch_norm", "fold_ista", "sdpa_attention"],
+    ["shift_patch_norm", "channel_major_patches", "fold_ista_update"],
+    ["shift_patch_norm", "linear_layernorm", "channel_major_patches"],
     ["shift_patch_norm", "fold_ista", "bmm_attention", "linear_layernorm"],
 ]
 
@@ -45,6 +47,9 @@ def test_rewrites_do_not_touch_the_source(models):
     before = {k: v.clone() for k, v in m.state_dict().items()}
     r = apply(m, ["fold_ista", "linear_layernorm"])
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    for share in (False, True):  # a pass that permutes parameters makes new tensors either way
+        apply(m, ["shift_patch_norm", "channel_major_patches"], share_parameters=share)
+        assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
     assert isinstance(r.transformer.layers[0][1].fn, FoldedISTA)
     assert not isinstance(m.transformer.layers[0][1].fn, FoldedISTA)
 

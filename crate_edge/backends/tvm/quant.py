@@ -9,7 +9,7 @@ import numpy as np
 
 from ...calibration import calibrate
 from ...errors import CrateEdgeError
-from .attention import ATTENTION_INT8, mssa_attention_int8, reduce_lanes
+from .attention import ATTENTION_INT8, mssa_attention_int8, quantize_u8, reduce_lanes
 from .schedule import HANDWRITTEN
 from .target import KERNELS, VNNI, amx_tile_config, has_amx, kernel_for
 from .target import amx as _amx
@@ -317,19 +317,7 @@ def _layernorm_quant(K: int, eps: float, scale: float, name: str):
             Y[i, T.ramp(c * 16, 1, 16)] = centred(X, st, i, c) * T.broadcast(
                 st[1], 16
             ) * gamma.vload([c * 16], "float32x16") + beta.vload([c * 16], "float32x16")
-            Q[i, T.ramp(c * 16, 1, 16)] = T.cast(
-                T.cast(
-                    T.max(
-                        T.min(
-                            T.round(Y.vload([i, c * 16], "float32x16") * T.broadcast(T.float32(inv), 16)), T.broadcast(T.float32(127), 16)
-                        ),
-                        T.broadcast(T.float32(-127), 16),
-                    ),
-                    "int32x16",
-                )
-                + T.broadcast(T.int32(128), 16),
-                "uint8x16",
-            )
+            Q[i, T.ramp(c * 16, 1, 16)] = quantize_u8(Y.vload([i, c * 16], "float32x16"), inv)
         for j in range(KP - K):
             Q[i, K + j] = T.uint8(128)
 
