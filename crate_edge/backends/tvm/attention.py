@@ -85,20 +85,22 @@ LOG2E = 1.4426950408889634
 LOG2_255 = 7.994353436858858
 
 
-def _exp2_u8(t, VL: int):
-    """round(2^t) as int32xVL for t <= log2 255 (softmax_u8's weights): 2^n by the exponent bits
-    times a degree-4 Taylor 2^f on [-1/2, 1/2] (relative error 5.6e-5, 0.01 of a u8 step); t
-    clamped at -24, where the weight has long been 0."""
+def _exp2_u8(t):
+    """round(2^t) as int32x16 for t <= log2 255 (softmax_u8's weights), AVX-512: f = t - round(t)
+    (vreduceps), a degree-4 Taylor 2^f on [-1/2, 1/2] (relative error 5.6e-5, 0.01 of a u8
+    step), times 2^round(t) by vscalefps, rounded by vcvtps2dq. 2^n by the exponent bits
+    (_pow2) took a clamp, a round, two converts, a shift and an add for what these do in three;
+    vscalefps gives 0 for the padding keys' -3e38 without a clamp."""
     from tvm import tirx
 
-    c = lambda x: tirx.Broadcast(tirx.const(x, "float32"), VL)  # noqa: E731
-    x = tirx.max(t, c(-24.0))
-    n = tirx.round(x)
-    f = x - n
+    c = lambda x, d="float32": tirx.Broadcast(tirx.const(x, d), 16)  # noqa: E731
+    m16, cur = tirx.const(-1, "int16"), tirx.const(4, "int32")  # all lanes; the current (nearest-even) rounding
+    f = tirx.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.mask.reduce.ps.512", t, tirx.const(0, "int32"), c(0.0), m16, cur)
     p = c(9.6181291076e-3)
     for k in (5.5504108665e-2, 2.4022650696e-1, 6.9314718056e-1, 1.0):
         p = p * f + c(k)
-    return tirx.Cast(f"int32x{VL}", p * _pow2(n, VL) + c(0.5))
+    w = tirx.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.mask.scalef.ps.512", p, t - f, c(0.0), m16, cur)
+    return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.mask.cvtps2dq.512", w, c(0, "int32"), m16, cur)
 
 
 def pack_keys(N: int, H: int, D: int, NR: int, name: str):
@@ -422,7 +424,7 @@ def mssa_attention_int8(
         isum = T.alloc_buffer((16,), "int32")
         isum[T.ramp(0, 1, 16)] = T.broadcast(T.int32(0), 16)
         for c in range(NCV):
-            w = _exp2_u8(S[T.ramp(r * NPAD + c * 16, 1, 16)] - T.broadcast(red[16], 16), 16)
+            w = _exp2_u8(S[T.ramp(r * NPAD + c * 16, 1, 16)] - T.broadcast(red[16], 16))
             isum[T.ramp(0, 1, 16)] = isum[T.ramp(0, 1, 16)] + w
             P8[T.ramp(r * ps + c * 16, 1, 16)] = T.cast(w, "uint8x16")
         red[32 + r] = T.float32(1) / T.cast(T.call_llvm_pure_intrin("int32", "llvm.vector.reduce.add", isum[T.ramp(0, 1, 16)]), "float32")
@@ -470,11 +472,13 @@ def mssa_attention_int8(
             _amx("tilestored64", T.int8(1), T.address_of(SI[pp * 32 + 16]), T.int64(NPAD * 4))
         for r in range(16):  # the scores of a row and their max in one pass, then its weights
             red[T.ramp(0, 1, 16)] = T.broadcast(T.float32(NEG), 16)
-            for c in range(NCV):
-                S[T.ramp(r * NPAD + c * 16, 1, 16)] = keys_only(
-                    c, score(SI[T.ramp(r * NPAD + c * 16, 1, 16)], CS, A, bb, hh, i0 + r, c * 16)
-                )
+            for c in range(NCV - 1):  # whole vectors of keys; the last one below, masked past N
+                S[T.ramp(r * NPAD + c * 16, 1, 16)] = score(SI[T.ramp(r * NPAD + c * 16, 1, 16)], CS, A, bb, hh, i0 + r, c * 16)
                 red[T.ramp(0, 1, 16)] = T.max(red[T.ramp(0, 1, 16)], S[T.ramp(r * NPAD + c * 16, 1, 16)])
+            S[T.ramp(r * NPAD + (NCV - 1) * 16, 1, 16)] = keys_only(
+                NCV - 1, score(SI[T.ramp(r * NPAD + (NCV - 1) * 16, 1, 16)], CS, A, bb, hh, i0 + r, (NCV - 1) * 16)
+            )
+            red[T.ramp(0, 1, 16)] = T.max(red[T.ramp(0, 1, 16)], S[T.ramp(r * NPAD + (NCV - 1) * 16, 1, 16)])
             row_weights(S, P8, red, r, NK)
         for g in T.unroll((DT + 1) // 2):  # output columns 32 at a time: tmm0, 1 += tmm5 (weights) x tmm6, 7 (values)
             _amx("tilezero", T.int8(0))
@@ -570,8 +574,11 @@ def mssa_attention_int8(
             for it in range(NT):
                 amx_tile(U, A, KQ, CS, VQ, VS, O, S, SI, P8, OI, red, t // H, t % H, it * 16)
             _amx("tilerelease")
-            for i in range(N - NT * 16):
-                tile(U, A, KQ, CS, VQ, VS, O, S, P8, acc, red, t // H, t % H, NT * 16 + i, 1)
+            if 0 < N - NT * 16 <= MR:  # the rows past the last whole AMX tile as one VNNI tile (static)
+                tile(U, A, KQ, CS, VQ, VS, O, S, P8, acc, red, t // H, t % H, NT * 16, N - NT * 16)
+            else:
+                for i in range(N - NT * 16):
+                    tile(U, A, KQ, CS, VQ, VS, O, S, P8, acc, red, t // H, t % H, NT * 16 + i, 1)
 
     tasks = amx_tasks if amx else vnni_tasks
 
