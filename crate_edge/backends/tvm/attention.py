@@ -67,6 +67,15 @@ def reduce_lanes(v, VL: int, op=None):
     return v
 
 
+def round_i32(v):
+    """float32x16 -> int32x16 rounded half to even in one vcvtps2dq (AVX-512), where T.round and
+    a cast are a two-uop vrndscaleps and a vcvttps2dq."""
+    from tvm import tirx
+
+    z = tirx.Broadcast(tirx.const(0, "int32"), 16)
+    return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.mask.cvtps2dq.512", v, z, tirx.const(-1, "int16"), tirx.const(4, "int32"))
+
+
 def quantize_u8(v, inv: float):
     """float32x16 -> uint8x16: clip(round(v * inv), -127, 127) + 128, the VNNI kernels' unsigned
     operand (round half to even), in four AVX-512 instructions and a multiply: vmaxps at -127,
@@ -75,8 +84,7 @@ def quantize_u8(v, inv: float):
     from tvm import tirx
 
     c = lambda x, t="float32": tirx.Broadcast(tirx.const(x, t), 16)  # noqa: E731
-    x = tirx.max(v * c(inv), c(-127.0))
-    r = tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.mask.cvtps2dq.512", x, c(0, "int32"), tirx.const(-1, "int16"), tirx.const(4, "int32"))
+    r = round_i32(tirx.max(v * c(inv), c(-127.0)))
     b = tirx.call_llvm_pure_intrin("int8x16", "llvm.x86.avx512.mask.pmovs.db.512", r, c(0, "int8"), tirx.const(-1, "int16"))
     return tirx.call_intrin("uint8x16", "tirx.reinterpret", tirx.bitwise_xor(b, c(-128, "int8")))
 
@@ -100,7 +108,7 @@ def _exp2_u8(t):
     for k in (5.5504108665e-2, 2.4022650696e-1, 6.9314718056e-1, 1.0):
         p = p * f + c(k)
     w = tirx.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.mask.scalef.ps.512", p, t - f, c(0.0), m16, cur)
-    return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.mask.cvtps2dq.512", w, c(0, "int32"), m16, cur)
+    return round_i32(w)
 
 
 def pack_keys(N: int, H: int, D: int, NR: int, name: str):
@@ -281,7 +289,7 @@ def quantize_heads(N: int, H: int, D: int, NR: int, name: str, amx: bool = False
 
     def vbyte(X, inv, bb, hh, n, c):
         """Token n's columns c*16.. quantized by 127 / column max, as the low byte of int32 lanes (0 past N)."""
-        q = T.cast(clip127(T.round(X.vload([bb, T.min(n, N - 1), hh, c * 16], "float32x16") * inv[T.ramp(c * 16, 1, 16)])), "int32x16")
+        q = round_i32(clip127(X.vload([bb, T.min(n, N - 1), hh, c * 16], "float32x16") * inv[T.ramp(c * 16, 1, 16)]))
         return T.if_then_else(n < N, q, T.broadcast(T.int32(0), 16)) & T.broadcast(T.int32(255), 16)
 
     @T.prim_func(s_tir=True)
@@ -325,9 +333,8 @@ def quantize_heads(N: int, H: int, D: int, NR: int, name: str, amx: bool = False
                         red[1] = T.float32(127) / T.max(red[0], T.float32(TINY))
                         iv[T.ramp(0, 1, 16)] = T.broadcast(T.int32(0), 16)
                         for c in T.unroll(DV):
-                            qv = T.cast(
-                                clip127(T.round(X.vload([t // H, n, t % H, c * 16], "float32x16") * T.broadcast(red[1], 16))), "int32x16"
-                            )
+                            # clipping before rounding: the same, the bounds are whole
+                            qv = round_i32(clip127(X.vload([t // H, n, t % H, c * 16], "float32x16") * T.broadcast(red[1], 16)))
                             U[t // H, t % H, n, T.ramp(c * 16, 1, 16)] = T.cast(qv + T.broadcast(T.int32(128), 16), "uint8x16")
                             qb[T.ramp(c * 16, 1, 16)] = T.cast(qv, "int8x16")
                             iv[T.ramp(0, 1, 16)] = iv[T.ramp(0, 1, 16)] + qv
