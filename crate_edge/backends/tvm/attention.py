@@ -73,7 +73,9 @@ def round_i32(v):
     from tvm import tirx
 
     z = tirx.Broadcast(tirx.const(0, "int32"), 16)
-    return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.mask.cvtps2dq.512", v, z, tirx.const(-1, "int16"), tirx.const(4, "int32"))
+    return tirx.call_llvm_pure_intrin(
+        "int32x16", "llvm.x86.avx512.mask.cvtps2dq.512", v, z, tirx.const(-1, "int16"), tirx.const(4, "int32")
+    )
 
 
 def quantize_u8(v, inv: float):

@@ -314,9 +314,9 @@ def _layernorm_quant(K: int, eps: float, scale: float, name: str):
             red[T.ramp(c % NA * 16, 1, 16)] = red[T.ramp(c % NA * 16, 1, 16)] + centred(X, st, i, c) * centred(X, st, i, c)
         st[1] = T.float32(1) / T.sqrt(total(red) / T.float32(K) + T.float32(e))
         for c in range(NV):
-            Y[i, T.ramp(c * 16, 1, 16)] = centred(X, st, i, c) * T.broadcast(
-                st[1], 16
-            ) * gamma.vload([c * 16], "float32x16") + beta.vload([c * 16], "float32x16")
+            Y[i, T.ramp(c * 16, 1, 16)] = centred(X, st, i, c) * T.broadcast(st[1], 16) * gamma.vload([c * 16], "float32x16") + beta.vload(
+                [c * 16], "float32x16"
+            )
             Q[i, T.ramp(c * 16, 1, 16)] = quantize_u8(Y.vload([i, c * 16], "float32x16"), inv)
         for j in range(KP - K):
             Q[i, K + j] = T.uint8(128)
