@@ -52,7 +52,7 @@ from torch import nn
 
 from .crate_alpha import CrateAlpha, OvercompleteISTA
 from .errors import CrateEdgeError
-from .model import CRATE, ISTA, MSSA, _pair
+from .model import CRATE, ISTA, MSSA
 
 PASSES: dict[str, Callable[[CRATE], CRATE]] = {}
 
@@ -340,9 +340,9 @@ def channel_major_patches(img: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
 
 
 class ChannelMajorPatches(nn.Module):
-    def __init__(self, patch_size):
+    def __init__(self, ph: int, pw: int):
         super().__init__()
-        self.ph, self.pw = _pair(patch_size)
+        self.ph, self.pw = ph, pw
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         return channel_major_patches(img, self.ph, self.pw)
@@ -372,7 +372,7 @@ def channel_major_patches_pass(model: CRATE) -> CRATE:
             t = getattr(m, n)
             if t is not None:
                 setattr(m, n, nn.Parameter(t.detach()[..., perm].clone(), requires_grad=t.requires_grad))
-    emb[0], emb[2] = ChannelMajorPatches((ph, pw)), lin
+    emb[0], emb[2] = ChannelMajorPatches(ph, pw), lin
     if shifted:
         emb[1].ln = ln
     else:

@@ -292,26 +292,21 @@ def _layernorm_quant(K: int, eps: float, scale: float, name: str):
     inv, e = 1.0 / scale, float(eps)
     LNR = 8  # rows per parallel task
 
-    NA = 4  # partial sums per row: one accumulator would be a chain of NV dependent adds
-
     def total(red):
-        v = red[T.ramp(0, 1, 16)] + red[T.ramp(16, 1, 16)] + red[T.ramp(32, 1, 16)] + red[T.ramp(48, 1, 16)]
-        return reduce_lanes(v, 16, lambda a, b: a + b)
+        return reduce_lanes(red[T.ramp(0, 1, 16)], 16, lambda a, b: a + b)
 
     def centred(X, st, i, c):
         return X.vload([i, c * 16], "float32x16") - T.broadcast(st[0], 16)
 
     @T.macro
     def row(X, Y, Q, gamma, beta, red, st, i):
-        for a in T.unroll(NA):
-            red[T.ramp(a * 16, 1, 16)] = T.broadcast(T.float32(0), 16)
-        for c in T.unroll(NV):
-            red[T.ramp(c % NA * 16, 1, 16)] = red[T.ramp(c % NA * 16, 1, 16)] + X.vload([i, c * 16], "float32x16")
+        red[T.ramp(0, 1, 16)] = X.vload([i, 0], "float32x16")
+        for c in range(1, NV):
+            red[T.ramp(0, 1, 16)] = red[T.ramp(0, 1, 16)] + X.vload([i, c * 16], "float32x16")
         st[0] = total(red) / T.float32(K)
-        for a in T.unroll(NA):
-            red[T.ramp(a * 16, 1, 16)] = T.broadcast(T.float32(0), 16)
-        for c in T.unroll(NV):
-            red[T.ramp(c % NA * 16, 1, 16)] = red[T.ramp(c % NA * 16, 1, 16)] + centred(X, st, i, c) * centred(X, st, i, c)
+        red[T.ramp(0, 1, 16)] = T.broadcast(T.float32(0), 16)
+        for c in range(NV):
+            red[T.ramp(0, 1, 16)] = red[T.ramp(0, 1, 16)] + centred(X, st, i, c) * centred(X, st, i, c)
         st[1] = T.float32(1) / T.sqrt(total(red) / T.float32(K) + T.float32(e))
         for c in range(NV):
             Y[i, T.ramp(c * 16, 1, 16)] = centred(X, st, i, c) * T.broadcast(st[1], 16) * gamma.vload([c * 16], "float32x16") + beta.vload(
@@ -333,7 +328,7 @@ def _layernorm_quant(K: int, eps: float, scale: float, name: str):
                 T.reads(X[0:m, 0:K], gamma[0:K], beta[0:K])
                 T.writes(Y[0:m, 0:K], Q[0:m, 0:KP])
                 for t in T.parallel((m + LNR - 1) // LNR):  # row blocks: the scratch buffers once per task
-                    red = T.alloc_buffer((NA * 16,), "float32")
+                    red = T.alloc_buffer((16,), "float32")
                     st = T.alloc_buffer((2,), "float32")  # mean, 1 / std
                     for r in range(LNR):
                         if t * LNR + r < m:

@@ -173,7 +173,9 @@ def cpu_rules():
             if infos is None or any(set(b.dom_kind()) - {"S"} for b in infos):
                 return None
             infos = try_inline(sch, infos)
-            lanes = 16 if _avx512(target) else 8
+            from .attention import vector_lanes  # attention imports this module
+
+            lanes = vector_lanes(target)
             for b in infos:
                 loops = sch.get_loops(b.block_rv)
                 if not loops:
@@ -192,9 +194,3 @@ def cpu_rules():
             return sch
 
     return [GEMM(), dl.cpu.GEMV(), RowReduction(), Injective()]
-
-
-def _avx512(target) -> bool:
-    from tvm.target import codegen
-
-    return bool(codegen.target_has_features("avx512f", target))
