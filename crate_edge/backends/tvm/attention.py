@@ -12,19 +12,12 @@ and its product with V. q = k = v is what lets one input serve all three.
 
 from __future__ import annotations
 
-from .schedule import HANDWRITTEN, gemm_tile
+from .schedule import HANDWRITTEN, gemm_tile, vector_lanes
 from .target import VNNI, amx_tile_config, has_amx, kernel_for
 from .target import amx as _amx
 
 ATT_RB = 4  # micro tiles per parallel task (28 rows with 7-row tiles: 8 tasks per head at 197 tokens)
 NEG = -3.0e38  # scores of the padding columns: exp gives exactly 0 (fast_exp clamps, 2^-127 -> 0)
-
-
-def vector_lanes(target) -> int:
-    """fp32 lanes of the target's widest vectors."""
-    from tvm.target import codegen
-
-    return 16 if codegen.target_has_features("avx512f", target) else 8
 
 
 def _pow2(n, VL: int):

@@ -24,6 +24,13 @@ def gemm_tile(target) -> tuple[int, int]:
     return next((t for f, t in TILES.items() if codegen.target_has_features(f, target)), (MR, NR))
 
 
+def vector_lanes(target) -> int:
+    """fp32 lanes of the target's widest vectors."""
+    from tvm.target import codegen
+
+    return 16 if codegen.target_has_features("avx512f", target) else 8
+
+
 def _softmax_legalize(bb, call):
     """softmax with topi.fast_exp: the default te.exp becomes a scalar expf call per element."""
     from tvm import topi
@@ -173,8 +180,6 @@ def cpu_rules():
             if infos is None or any(set(b.dom_kind()) - {"S"} for b in infos):
                 return None
             infos = try_inline(sch, infos)
-            from .attention import vector_lanes  # attention imports this module
-
             lanes = vector_lanes(target)
             for b in infos:
                 loops = sch.get_loops(b.block_rv)
