@@ -455,6 +455,16 @@ def mssa_attention_int8(
             * T.broadcast(A[bb, hh, i] * T.float32(sc), 16)
         )
 
+    def tile_score(SI, CS, A, bb, hh, i0, r, c):
+        """score vector c of row i0 + r from the AMX scores tile SI"""
+        return score(SI[T.ramp(r * NPAD + c * 16, 1, 16)], CS, A, bb, hh, i0 + r, c * 16)
+
+    @T.macro
+    def keep_score(S, red, r, c, v):
+        """v as score vector c of row r, and into the row's running max"""
+        S[T.ramp(r * NPAD + c * 16, 1, 16)] = v
+        red[T.ramp(0, 1, 16)] = T.max(red[T.ramp(0, 1, 16)], S[T.ramp(r * NPAD + c * 16, 1, 16)])
+
     @T.macro
     def amx_tile(U, A, KQ, CS, VQ, VS, O, S, SI, P8, OI, red, bb, hh, i0):
         """rows i0..i0+16 of head hh on AMX (the tile configuration loaded by the task)"""
@@ -474,13 +484,9 @@ def mssa_attention_int8(
             _amx("tilestored64", T.int8(1), T.address_of(SI[pp * 32 + 16]), T.int64(NPAD * 4))
         for r in range(16):  # the scores of a row and their max in one pass, then its weights
             red[T.ramp(0, 1, 16)] = T.broadcast(T.float32(NEG), 16)
-            for c in range(NCV - 1):  # whole vectors of keys; the last one below, masked past N
-                S[T.ramp(r * NPAD + c * 16, 1, 16)] = score(SI[T.ramp(r * NPAD + c * 16, 1, 16)], CS, A, bb, hh, i0 + r, c * 16)
-                red[T.ramp(0, 1, 16)] = T.max(red[T.ramp(0, 1, 16)], S[T.ramp(r * NPAD + c * 16, 1, 16)])
-            S[T.ramp(r * NPAD + (NCV - 1) * 16, 1, 16)] = keys_only(
-                NCV - 1, score(SI[T.ramp(r * NPAD + (NCV - 1) * 16, 1, 16)], CS, A, bb, hh, i0 + r, (NCV - 1) * 16)
-            )
-            red[T.ramp(0, 1, 16)] = T.max(red[T.ramp(0, 1, 16)], S[T.ramp(r * NPAD + (NCV - 1) * 16, 1, 16)])
+            for c in range(NCV - 1):  # whole vectors of keys; the last one masked past N
+                keep_score(S, red, r, c, tile_score(SI, CS, A, bb, hh, i0, r, c))
+            keep_score(S, red, r, NCV - 1, keys_only(NCV - 1, tile_score(SI, CS, A, bb, hh, i0, r, NCV - 1)))
             row_weights(S, P8, red, r, NK)
         for g in T.unroll((DT + 1) // 2):  # output columns 32 at a time: tmm0, 1 += tmm5 (weights) x tmm6, 7 (values)
             _amx("tilezero", T.int8(0))
