@@ -36,6 +36,7 @@ LAYERS = [
         "crate_edge.backends.tvm.schedule",
         "crate_edge.backends.tvm.quant",
         "crate_edge.backends.tvm.attention",
+        "crate_edge.backends.tvm.gemm",
         "crate_edge.backends.tvm.metaschedule",
         "crate_edge.backends.tvm.lower",
         "crate_edge.backends.tvm.backend",

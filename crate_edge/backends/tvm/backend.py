@@ -14,6 +14,7 @@ from ...quantize import INT8_ATTENTION
 from ...runtimes import TVM_LIBRARY, tvm_vm_runner
 from ..base import Availability, Backend, Capabilities, Compiled, device_of, precision_map
 from .attention import fuse_attention
+from .gemm import handwritten_gemms
 from .lower import _batch_var, _import, _op_inventory, build, fused
 from .metaschedule import tune
 from .quant import quantize_module
@@ -26,6 +27,10 @@ TUNING_DB = "tuning_db"
 ATTENTION = {  # options.attention: how MSSA's attention is lowered on a CPU (llvm) target
     "fused": "one hand-written kernel per head and row tile: scores, softmax, product with V (attention.py)",
     "matmul": "the imported matmul -> softmax -> matmul, each product through the GEMM schedule",
+}
+GEMM = {  # options.gemm: how an fp32 matmul with a constant weight is lowered on a CPU (llvm) target
+    "handwritten": "on AVX-512, gemm.py's 14 x 32 kernel with its bias / residual / ReLU epilogue (elsewhere the schedule)",
+    "schedule": "the GEMM schedule rule (schedule.py), fused with its elementwise consumers by TVM",
 }
 
 
@@ -81,6 +86,9 @@ class TVMBackend(Backend):
         attention = str(opts.get("attention", "fused"))
         if attention not in ATTENTION:
             raise CrateEdgeError(f"tvm: options.attention = {attention!r}; known: {', '.join(ATTENTION)}")
+        gemm = str(opts.get("gemm", "handwritten"))
+        if gemm not in GEMM:
+            raise CrateEdgeError(f"tvm: options.gemm = {gemm!r}; known: {', '.join(GEMM)}")
         if trials and target.dynamic_batch is not None:
             raise CrateEdgeError("tvm: tune_trials needs a static batch (input.dynamic_batch = false): MetaSchedule tunes concrete shapes")
 
@@ -109,6 +117,8 @@ class TVMBackend(Backend):
                 s: f"int8 GEMM (weights int8 {quant.config.weights} symmetric, activations int8 per_tensor symmetric static) -> int32, dequantized to fp32"
                 for s in quant.sites
             }
+        if device == "cpu" and gemm == "handwritten":
+            mod, info["gemm_f32"] = handwritten_gemms(mod, tgt)
         if target.dynamic_batch is not None and isinstance(batch, int):
             pinned = (batch, batch)  # crate_edge.runtime.Runner pads/splits to this batch
             info["batch"] = f"static {batch}: the Relax importer did not keep the dynamic batch"
