@@ -5,10 +5,13 @@ Why by hand: the schedule rule (schedule.py GEMM) keeps its micro-kernel's accum
 buffer, and TVM puts a buffer of 1 KiB or more on the heap (runtime kMaxStackAlloca), so its
 tile stops at 7 rows x 32 columns (14 zmm). Here the tile is 14 x 32 in two 7-row buffers of
 896 B each, 28 zmm accumulators that LLVM keeps in registers: per k step two 16-float loads of W
-and 14 broadcasts of A feed 28 FMAs. One task per (block of ROWS rows, panel of 32 columns), the
-panels fastest, so one panel's K x 32 weights serve every row of a block. On 197 x 384 x 384,
-2 threads, the AMX Xeon (family 6 model 167): the schedule rule 214-225 us (7 x 32), this kernel
-176 us (330 GFLOP/s, ONNX Runtime's MLAS 175-183 us with its session overhead, same process).
+and 14 broadcasts of A feed 28 FMAs. One task per (block of rows, panel of 32 columns), the
+panels fastest; at least two row blocks, so that at batch 1 each of two threads takes the rows
+the kernel before it wrote on that core. CRATE-Tiny's 36 layer GEMMs with their LayerNorms as
+one Relax chain (197 x 384 x 384, 2 threads, AMX Xeon family 6 model 167, one process): the
+schedule rule 255-269 us per GEMM, this kernel 216-238 (one core: 431-449 against 415-424).
+Tried and no faster: the panels split across the threads instead of the rows (250-254 us in
+the chain), k in blocks of 128 or 192 kept in L1 (within noise of whole K).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from .schedule import HANDWRITTEN
 NR = 32  # columns per panel: two zmm
 G = 7  # rows per accumulator buffer: 7 x 32 fp32 = 896 B, under TVM's 1 KiB stack limit
 MR = 2 * G  # rows per micro-kernel
-ROWS = 16 * MR  # rows per task (224: CRATE-Tiny's 197 tokens in one block at batch 1)
+ROWS = 16 * MR  # the most rows per task (larger batches: blocks of up to 224 rows)
 EPILOGUES = ("", "bias", "bias_relu", "residual", "residual_relu")  # what the write-back adds
 
 
@@ -84,19 +87,24 @@ def gemm_f32(K: int, N: int, name: str, epilogue: str = ""):
 
     @T.macro
     def tasks(A, W, bias, R, C, m):
-        for t in T.parallel((m + ROWS - 1) // ROWS * NP):
+        # rows in nb blocks of br (at least two, so that at batch 1 each of two threads takes one
+        # block, its panels in turn: the rows the previous kernel wrote on that core)
+        nb = T.max(T.int64(2), (m + ROWS - 1) // ROWS)
+        br = (m + nb - 1) // nb
+        for t in T.parallel(nb * NP):
             a0 = T.alloc_buffer((G * NR,), "float32")
             a1 = T.alloc_buffer((G * NR,), "float32")
-            for it in range(ROWS // MR):
-                i0 = t // NP * ROWS + it * MR
-                if i0 + MR <= m:
+            e = T.min(m, t // NP * br + br)  # the block's end
+            for it in range((br + MR - 1) // MR):
+                i0 = t // NP * br + it * MR
+                if i0 + MR <= e:
                     tile(a0, a1, A, W, bias, R, C, i0, t % NP, G, G)
-                elif i0 + G <= m:  # the last rows: one 7-row buffer, then row by row
+                elif i0 + G <= e:  # the block's last rows: one 7-row buffer, then row by row
                     tile(a0, a1, A, W, bias, R, C, i0, t % NP, G, 0)
-                    for i in range(m - i0 - G):
+                    for i in range(e - i0 - G):
                         tile(a0, a1, A, W, bias, R, C, i0 + G + i, t % NP, 1, 0)
-                elif i0 < m:
-                    for i in range(m - i0):
+                elif i0 < e:
+                    for i in range(e - i0):
                         tile(a0, a1, A, W, bias, R, C, i0 + i, t % NP, 1, 0)
 
     attrs = {"tir.noalias": True, "tirx.is_scheduled": True, "global_symbol": name, HANDWRITTEN: True}
