@@ -178,15 +178,13 @@ def mssa_attention(N: int, H: int, D: int, scale: float, name: str, MR: int, NR:
             red[T.ramp(0, 1, VL)] = S[T.ramp(r * NPAD, 1, VL)]
             for c in range(1, NC):
                 red[T.ramp(0, 1, VL)] = T.max(red[T.ramp(0, 1, VL)], S[T.ramp(r * NPAD + c * VL, 1, VL)])
-            for k in range(1, VL):
-                red[0] = T.max(red[0], red[k])
+            red[0] = reduce_lanes(red[T.ramp(0, 1, VL)], VL)
             # exp(s - max) in place, and the row sum
             red[T.ramp(VL, 1, VL)] = T.broadcast(T.float32(0), VL)
             for c in range(NC):
                 S[T.ramp(r * NPAD + c * VL, 1, VL)] = _fast_exp(S[T.ramp(r * NPAD + c * VL, 1, VL)] - T.broadcast(red[0], VL), VL)
                 red[T.ramp(VL, 1, VL)] = red[T.ramp(VL, 1, VL)] + S[T.ramp(r * NPAD + c * VL, 1, VL)]
-            for k in range(1, VL):
-                red[VL] = red[VL] + red[VL + k]
+            red[VL] = reduce_lanes(red[T.ramp(VL, 1, VL)], VL, lambda a, b: a + b)
             red[2 * VL + r] = T.float32(1) / red[VL]
         # O[i0 + r] = (P[r] . V) / sum
         for q in range(D // NV):
