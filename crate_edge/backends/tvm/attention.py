@@ -16,7 +16,10 @@ from .schedule import HANDWRITTEN, gemm_tile, vector_lanes
 from .target import VNNI, amx_tile_config, has_amx, kernel_for
 from .target import amx as _amx
 
-ATT_RB = 4  # micro tiles per parallel task (28 rows with 7-row tiles: 8 tasks per head at 197 tokens)
+# rows per parallel task: ATT_RB tiles of 7 rows (28: 8 tasks per head at 197 tokens), the fp32
+# kernel's 14-row tiles in pairs. CRATE-Tiny's fp32 layer alone, 2 threads, AMX Xeon: 7-row tiles
+# 320-329 us, 14-row tiles (two 7-row accumulator groups) 305-311 us, same output.
+ATT_RB = 4
 NEG = -3.0e38  # scores of the padding columns: exp gives exactly 0 (fast_exp clamps, 2^-127 -> 0)
 
 
@@ -136,42 +139,55 @@ def pack_keys(N: int, H: int, D: int, NR: int, name: str):
 
 def mssa_attention(N: int, H: int, D: int, scale: float, name: str, MR: int, NR: int, VL: int, NV: int, VV: int):
     """TIR: O[b, :, h, :] = softmax(X_h X_hᵀ * scale) X_h, X_h = X[b, :, h, :] ([B, N, H, D]).
-    Tasks: (batch, head, block of ATT_RB tiles of MR rows); per tile the scores (MR x NPAD, in a
-    per-task buffer), each row's softmax (max, exp, sum; 1/sum applied to the output), then the
-    product with V in panels of NV columns (vectors of VV lanes, VL for the scores). Accumulators (MR x NR and MR x NV floats) stay under
-    1 KiB, so LLVM keeps them in registers (see quant.py)."""
+    Tasks: (batch, head, block of rows); per tile of rows the scores (rows x NPAD, in a per-task
+    buffer), each row's softmax (max, exp, sum; 1/sum applied to the output), then the product
+    with V in panels of NV columns (vectors of VV lanes, VL for the scores). A tile is two groups
+    of MR rows on AVX-512 (VL = 16: 32 zmm hold both groups' accumulators), one group on AVX2;
+    each group's accumulators (MR x NR and MR x NV floats) stay under 1 KiB, so LLVM keeps them in
+    registers (see gemm.py); ATT_RB's comment has what the second group bought."""
     from tvm.script import tirx as T
 
     NP = (N + NR - 1) // NR
     NPAD = NP * NR
     NC = NPAD // VL  # score vectors per row
-    RB = ATT_RB * MR
+    G2 = MR if VL == 16 else 0  # rows of the second group
+    TR = MR + G2  # rows per tile
+    RB = max(1, ATT_RB * MR // TR) * TR  # rows per task
     NRB = (N + RB - 1) // RB
     hz, vz = NR // VL, NV // VV
     sc = float(scale)
 
     @T.macro
-    def zero(acc, rows, width, lanes):
-        """rows x width accumulators (vectors of `lanes`) to 0 before a micro-kernel's k loop."""
-        for r in T.unroll(rows):
-            for z in T.unroll(width // lanes):
-                acc[T.ramp(r * width + z * lanes, 1, lanes)] = T.broadcast(T.float32(0), lanes)
-
-    @T.macro
-    def tile(X, KT, O, S, acc, red, bb, hh, i0, rows):
+    def tile(X, KT, O, S, a0, a1, red, bb, hh, i0, r1, r2):
+        """rows i0 .. i0 + r1 + r2 of head hh: r1 (<= MR) in group a0, r2 (<= MR) in a1"""
         # scores: S[r, :] = (X[i0 + r] . KT panels) * scale
         for p in range(NP):
-            zero(acc, rows, NR, VL)
+            for r in T.unroll(r1):
+                for z in T.unroll(hz):
+                    a0[T.ramp(r * NR + z * VL, 1, VL)] = T.broadcast(T.float32(0), VL)
+            for r in T.unroll(r2):
+                for z in T.unroll(hz):
+                    a1[T.ramp(r * NR + z * VL, 1, VL)] = T.broadcast(T.float32(0), VL)
             for d in range(D):
-                for r in T.unroll(rows):
+                for r in T.unroll(r1):
                     for z in T.unroll(hz):
-                        acc[T.ramp(r * NR + z * VL, 1, VL)] = acc[T.ramp(r * NR + z * VL, 1, VL)] + T.broadcast(
+                        a0[T.ramp(r * NR + z * VL, 1, VL)] = a0[T.ramp(r * NR + z * VL, 1, VL)] + T.broadcast(
                             X[bb, i0 + r, hh, d], VL
                         ) * KT.vload([bb, hh, p, d, z * VL], f"float32x{VL}")
-            for r in T.unroll(rows):
+                for r in T.unroll(r2):
+                    for z in T.unroll(hz):
+                        a1[T.ramp(r * NR + z * VL, 1, VL)] = a1[T.ramp(r * NR + z * VL, 1, VL)] + T.broadcast(
+                            X[bb, i0 + r1 + r, hh, d], VL
+                        ) * KT.vload([bb, hh, p, d, z * VL], f"float32x{VL}")
+            for r in T.unroll(r1):
                 for z in T.unroll(hz):
-                    S[T.ramp(r * NPAD + p * NR + z * VL, 1, VL)] = acc[T.ramp(r * NR + z * VL, 1, VL)] * T.broadcast(T.float32(sc), VL)
-        for r in range(rows):
+                    S[T.ramp(r * NPAD + p * NR + z * VL, 1, VL)] = a0[T.ramp(r * NR + z * VL, 1, VL)] * T.broadcast(T.float32(sc), VL)
+            for r in T.unroll(r2):
+                for z in T.unroll(hz):
+                    S[T.ramp((r1 + r) * NPAD + p * NR + z * VL, 1, VL)] = a1[T.ramp(r * NR + z * VL, 1, VL)] * T.broadcast(
+                        T.float32(sc), VL
+                    )
+        for r in range(r1 + r2):
             for j in range(NPAD - N):
                 S[r * NPAD + N + j] = T.float32(NEG)
             # row max
@@ -188,17 +204,32 @@ def mssa_attention(N: int, H: int, D: int, scale: float, name: str, MR: int, NR:
             red[2 * VL + r] = T.float32(1) / red[VL]
         # O[i0 + r] = (P[r] . V) / sum
         for q in range(D // NV):
-            zero(acc, rows, NV, VV)
+            for r in T.unroll(r1):
+                for z in T.unroll(vz):
+                    a0[T.ramp(r * NV + z * VV, 1, VV)] = T.broadcast(T.float32(0), VV)
+            for r in T.unroll(r2):
+                for z in T.unroll(vz):
+                    a1[T.ramp(r * NV + z * VV, 1, VV)] = T.broadcast(T.float32(0), VV)
             for k in range(N):
-                for r in T.unroll(rows):
+                for r in T.unroll(r1):
                     for z in T.unroll(vz):
-                        acc[T.ramp(r * NV + z * VV, 1, VV)] = acc[T.ramp(r * NV + z * VV, 1, VV)] + T.broadcast(
+                        a0[T.ramp(r * NV + z * VV, 1, VV)] = a0[T.ramp(r * NV + z * VV, 1, VV)] + T.broadcast(
                             S[r * NPAD + k], VV
                         ) * X.vload([bb, k, hh, q * NV + z * VV], f"float32x{VV}")
-            for r in T.unroll(rows):
+                for r in T.unroll(r2):
+                    for z in T.unroll(vz):
+                        a1[T.ramp(r * NV + z * VV, 1, VV)] = a1[T.ramp(r * NV + z * VV, 1, VV)] + T.broadcast(
+                            S[(r1 + r) * NPAD + k], VV
+                        ) * X.vload([bb, k, hh, q * NV + z * VV], f"float32x{VV}")
+            for r in T.unroll(r1):
                 for z in T.unroll(vz):
-                    O[bb, i0 + r, hh, T.ramp(q * NV + z * VV, 1, VV)] = acc[T.ramp(r * NV + z * VV, 1, VV)] * T.broadcast(
+                    O[bb, i0 + r, hh, T.ramp(q * NV + z * VV, 1, VV)] = a0[T.ramp(r * NV + z * VV, 1, VV)] * T.broadcast(
                         red[2 * VL + r], VV
+                    )
+            for r in T.unroll(r2):
+                for z in T.unroll(vz):
+                    O[bb, i0 + r1 + r, hh, T.ramp(q * NV + z * VV, 1, VV)] = a1[T.ramp(r * NV + z * VV, 1, VV)] * T.broadcast(
+                        red[2 * VL + r1 + r], VV
                     )
 
     @T.prim_func(s_tir=True)
@@ -213,16 +244,21 @@ def mssa_attention(N: int, H: int, D: int, scale: float, name: str, MR: int, NR:
                 T.reads(X[0:b, 0:N, 0:H, 0:D], KT[0:b, 0:H, 0:NP, 0:D, 0:NR])
                 T.writes(O[0:b, 0:N, 0:H, 0:D])
                 for t in T.parallel(b * H * NRB):
-                    S = T.alloc_buffer((MR * NPAD,), "float32")  # this task's score rows (a heap workspace)
-                    acc = T.alloc_buffer((MR * max(NR, NV),), "float32")
-                    red = T.alloc_buffer((2 * VL + MR,), "float32")
-                    for it in range(ATT_RB):
-                        i0 = t % NRB * RB + it * MR
-                        if i0 + MR <= N:
-                            tile(X, KT, O, S, acc, red, t // (H * NRB), t // NRB % H, i0, MR)
+                    S = T.alloc_buffer((TR * NPAD,), "float32")  # this task's score rows (a heap workspace)
+                    a0 = T.alloc_buffer((MR * max(NR, NV),), "float32")
+                    a1 = T.alloc_buffer((MR * max(NR, NV),), "float32")
+                    red = T.alloc_buffer((2 * VL + TR,), "float32")
+                    for it in range(RB // TR):
+                        i0 = t % NRB * RB + it * TR
+                        if i0 + TR <= N:
+                            tile(X, KT, O, S, a0, a1, red, t // (H * NRB), t // NRB % H, i0, MR, G2)
+                        elif G2 > 0 and i0 + MR <= N:  # one group, then row by row
+                            tile(X, KT, O, S, a0, a1, red, t // (H * NRB), t // NRB % H, i0, MR, 0)
+                            for i in range(N - i0 - MR):
+                                tile(X, KT, O, S, a0, a1, red, t // (H * NRB), t // NRB % H, i0 + MR + i, 1, 0)
                         elif i0 < N:
                             for i in range(N - i0):
-                                tile(X, KT, O, S, acc, red, t // (H * NRB), t // NRB % H, i0 + i, 1)
+                                tile(X, KT, O, S, a0, a1, red, t // (H * NRB), t // NRB % H, i0 + i, 1, 0)
 
     return attn
 
