@@ -16,6 +16,8 @@ the chain), k in blocks of 128 or 192 kept in L1 (within noise of whole K).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .schedule import HANDWRITTEN
@@ -149,6 +151,54 @@ def gemm_f32(K: int, N: int, name: str, epilogue: str = ""):
     return residual if epilogue.startswith("residual") else biased if epilogue else plain
 
 
+def use_counts(func) -> dict:
+    """Relax var -> how many bindings of func (and its result) use it."""
+    from tvm import relax
+
+    uses: dict = {}
+    for block in func.body.blocks:
+        for b in block.bindings:
+            for v in relax.analysis.free_vars(b.value):
+                uses[v] = uses.get(v, 0) + 1
+    for v in relax.analysis.free_vars(func.body.body):
+        uses[v] = uses.get(v, 0) + 1
+    return uses
+
+
+@functools.cache
+def use_tracking():
+    """A PyExprMutator base for the epilogue fusions (here and quant.fuse_epilogues), which may
+    fold a call into its consumer only where nothing else reads it: once(v) says whether the
+    input graph's var behind v (recorded as each use site is visited) has one use, or v is a
+    call this pass emitted (self.fresh); bound(e, op) is e's binding when that is a call of op."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator
+
+    class UseTracking(PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.uses, self.old, self.fresh = use_counts(mod["main"]), {}, set()
+
+        def visit_var_(self, var):
+            new = super().visit_var_(var)
+            self.old[new] = var
+            return new
+
+        def visit_dataflow_var_(self, var):
+            new = super().visit_dataflow_var_(var)
+            self.old[new] = var
+            return new
+
+        def once(self, v) -> bool:
+            return isinstance(v, relax.Var) and (v in self.fresh or self.uses.get(self.old.get(v, v), 0) == 1)
+
+        def bound(self, e, op):
+            v = self.lookup_binding(e) if isinstance(e, relax.Var) else None
+            return v if isinstance(v, relax.Call) and v.op.same_as(op) else None
+
+    return UseTracking
+
+
 def handwritten_gemms(mod, target):
     """Rewrite main: each matmul(x, permute_dims(W)) with a constant fp32 W [N, K] that fits
     becomes reshape -> gemm_f32 (W packed at compile time) -> reshape; then, where each
@@ -207,45 +257,19 @@ def handwritten_gemms(mod, target):
     rw.builder_.update_func(gv, rw.visit_expr(mod["main"]))
     mod = relax.transform.DeadCodeElimination()(rw.builder_.get())
 
-    uses: dict = {}  # var -> bindings (and the function's result) that use it
-    for block in mod["main"].body.blocks:
-        for b in block.bindings:
-            for v in relax.analysis.free_vars(b.value):
-                uses[v] = uses.get(v, 0) + 1
-    for v in relax.analysis.free_vars(mod["main"].body.body):
-        uses[v] = uses.get(v, 0) + 1
     counts = {e: 0 for e in EPILOGUES}
     step = {("", "bias"): "bias", ("bias", "residual"): "residual", ("bias", "relu"): "bias_relu", ("residual", "relu"): "residual_relu"}
 
     @mutator
-    class Epilogues(PyExprMutator):
+    class Epilogues(use_tracking()):
         def __init__(self, m):
             super().__init__(m)
             self.kernels = {v: g for g, v in made.items()}
-            self.old, self.fresh = {}, set()  # fresh: the kernel calls emitted here, each used once
-
-        # use sites: the input graph's var behind each new one (use counts are the input graph's)
-        def visit_var_(self, var):
-            new = super().visit_var_(var)
-            self.old[new] = var
-            return new
-
-        def visit_dataflow_var_(self, var):
-            new = super().visit_dataflow_var_(var)
-            self.old[new] = var
-            return new
-
-        def once(self, v):
-            return isinstance(v, relax.Var) and (v in self.fresh or uses.get(self.old.get(v, v), 0) == 1)
-
-        def bound(self, e, name):
-            v = self.lookup_binding(e) if isinstance(e, relax.Var) else None
-            return v if isinstance(v, relax.Call) and v.op.same_as(op[name]) else None
 
         def gemm(self, y):
             """(call_tir, K, N, epilogue) if y = reshape(gemm_f32 call), each used once, else None."""
-            r = self.bound(y, "reshape") if self.once(y) else None
-            g = self.bound(r.args[0], "call_tir") if r is not None and self.once(r.args[0]) else None
+            r = self.bound(y, op["reshape"]) if self.once(y) else None
+            g = self.bound(r.args[0], op["call_tir"]) if r is not None and self.once(r.args[0]) else None
             if g is None or g.args[0] not in made:
                 return None
             return (g, *made[g.args[0]])

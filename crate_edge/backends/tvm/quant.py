@@ -10,6 +10,7 @@ import numpy as np
 from ...calibration import calibrate
 from ...errors import CrateEdgeError
 from .attention import ATTENTION_INT8, mssa_attention_int8, quantize_u8, reduce_lanes
+from .gemm import use_tracking
 from .schedule import HANDWRITTEN
 from .target import KERNELS, VNNI, amx_tile_config, has_amx, kernel_for
 from .target import amx as _amx
@@ -601,55 +602,30 @@ def fuse_epilogues(mod, vnni: dict, amx: bool = False):
     Returns (module, counts)."""
     import tvm
     from tvm import relax
-    from tvm.relax.expr_functor import PyExprMutator, mutator
+    from tvm.relax.expr_functor import mutator
 
     op = {n: tvm.ir.Op.get(f"relax.{n}") for n in ("add", "reshape", "call_tir")}
     op["relu"] = tvm.ir.Op.get("relax.nn.relu")
-    uses: dict = {}  # var -> how many bindings (and the function's result) use it
-    for block in mod["main"].body.blocks:
-        for b in block.bindings:
-            for v in relax.analysis.free_vars(b.value):
-                uses[v] = uses.get(v, 0) + 1
-    for v in relax.analysis.free_vars(mod["main"].body.body):
-        uses[v] = uses.get(v, 0) + 1
     counts = {e: 0 for e in EPILOGUES if e}
 
     @mutator
-    class Epilogues(PyExprMutator):
+    class Epilogues(use_tracking()):
         def __init__(self, m):
             super().__init__(m)
-            self.kernels, self.made, self.var, self.old = {}, [], None, {}
+            self.kernels, self.made, self.var = {}, [], None
 
         def visit_var_binding_(self, binding):
             self.var = binding.var  # the binding's own var: how many use the call being visited
             super().visit_var_binding_(binding)
 
-        # use sites: the input graph's var behind each new one (use counts are the input graph's)
-        def visit_var_(self, var):
-            new = super().visit_var_(var)
-            self.old[new] = var
-            return new
-
-        def visit_dataflow_var_(self, var):
-            new = super().visit_dataflow_var_(var)
-            self.old[new] = var
-            return new
-
-        def bound(self, e, name):
-            v = self.lookup_binding(e) if isinstance(e, relax.Var) else None
-            return v if isinstance(v, relax.Call) and v.op.same_as(op[name]) else None
-
-        def once(self, v):
-            return uses.get(self.old.get(v, v), 0) == 1
-
         def site(self, y):
             """(qgemm call, bias constant) if y = add(reshape(qgemm(..)), bias) with single uses."""
-            b = self.bound(y, "add")
+            b = self.bound(y, op["add"])
             if b is None or not self.once(y):
                 return None
             z, c = b.args if isinstance(b.args[1], tvm.ir.expr.Constant) else b.args[::-1]
-            r = self.bound(z, "reshape")
-            g = None if r is None or not self.once(z) else self.bound(r.args[0], "call_tir")
+            r = self.bound(z, op["reshape"])
+            g = None if r is None or not self.once(z) else self.bound(r.args[0], op["call_tir"])
             if g is None or not self.once(r.args[0]) or not isinstance(c, tvm.ir.expr.Constant) or g.args[0] not in vnni:
                 return None
             K, N = vnni[g.args[0]]
