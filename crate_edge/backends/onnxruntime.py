@@ -44,6 +44,68 @@ def export_onnx(ep, example, path: Path, opset: int) -> None:
     prog.save(str(path), external_data=False)
 
 
+ATTENTION_LAYOUTS = {  # options.attention_layout: what the ONNX Attention nodes take and give
+    "tokens": "3-D (batch, tokens, heads x dim) with q_num_heads / kv_num_heads: no head transposes around it",
+    "heads": "4-D (batch, heads, tokens, dim) as exported, a Reshape and a Transpose on each side",
+}
+
+
+def attention_tokens(path: Path) -> int:
+    """Rewrite the file's q = k = v Attention nodes from the exporter's 4-D form,
+    Reshape(x, [-1, N, H, D]) -> Transpose(0, 2, 1, 3) -> Attention -> Transpose(0, 2, 1, 3) ->
+    Reshape(-> [-1, N, H x D]), into one Attention(x, x, x, q_num_heads = kv_num_heads = H) on
+    the token-major tensor (ONNX opset 23's 3-D form: same default scale 1/sqrt(D), same output).
+    Where each intermediate has that one use. CRATE-Tiny b1 2 threads, AMX Xeon, one process:
+    onnxruntime 15.15 -> 14.45 ms, onnxruntime-int8 9.57 -> 8.95. Returns the nodes rewritten."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(path))
+    g = m.graph
+    made = {o: n for n in g.node for o in n.output}
+    users: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    for o in g.output:  # a graph output (a probe build's per-layer features) is one more use
+        users.setdefault(o.name, []).append(None)
+    consts = {i.name: i for i in g.initializer}
+
+    def perm0213(n):
+        return n is not None and n.op_type == "Transpose" and [list(a.ints) for a in n.attribute if a.name == "perm"] == [[0, 2, 1, 3]]
+
+    drop, new = set(), {}
+    for att in [n for n in g.node if n.op_type == "Attention"]:
+        q = att.input[0]
+        if list(att.input) != [q, q, q] or {a.name for a in att.attribute} & {"q_num_heads", "kv_num_heads"}:
+            continue
+        t1 = made.get(q)
+        r1 = made.get(t1.input[0]) if perm0213(t1) and len(users[q]) == 3 else None
+        if r1 is None or r1.op_type != "Reshape" or r1.input[1] not in consts or len(users[t1.input[0]]) != 1:
+            continue
+        shape = numpy_helper.to_array(consts[r1.input[1]])
+        after = users.get(att.output[0], [])
+        t2 = after[0] if len(after) == 1 and perm0213(after[0]) else None
+        r2 = users.get(t2.output[0], []) if t2 is not None else []
+        if len(shape) != 4 or len(r2) != 1 or r2[0] is None or r2[0].op_type != "Reshape":
+            continue
+        H, x = int(shape[2]), r1.input[0]
+        attrs = {a.name: helper.get_attribute_value(a) for a in att.attribute}
+        new[id(att)] = helper.make_node("Attention", [x, x, x], [r2[0].output[0]], name=att.name, q_num_heads=H, kv_num_heads=H, **attrs)
+        new[id(att)].metadata_props.extend(att.metadata_props)  # its name scope: the profile's block
+        drop |= {id(r1), id(t1), id(t2), id(r2[0])}
+    if new:
+        nodes = [new.get(id(n), n) for n in g.node if id(n) not in drop]
+        del g.node[:]
+        g.node.extend(nodes)
+        written = {o for n in nodes for o in n.output}  # shapes only of tensors a node still writes
+        info = [v for v in g.value_info if v.name in written]
+        del g.value_info[:]
+        g.value_info.extend(info)
+        onnx.save(m, str(path))
+    return len(new)
+
+
 def op_inventory(path: Path) -> dict[str, int]:
     import onnx
 
@@ -331,16 +393,24 @@ class ONNXRuntimeBackend(Backend):
     def compile(self, exported, target, out: Path, quant=None) -> Compiled:
         module, ep, example = exported.module, exported.program, exported.example
         opset = int(target.options.get("opset", 18))
+        layout = str(target.options.get("attention_layout", "tokens"))
+        if layout not in ATTENTION_LAYOUTS:
+            raise CrateEdgeError(f"onnxruntime: options.attention_layout = {layout!r}; known: {', '.join(ATTENTION_LAYOUTS)}")
+
+        def export(path):
+            export_onnx(ep, example, path, opset)
+            return {"attention_layout": layout, "attention_nodes_rewritten": attention_tokens(path) if layout == "tokens" else 0}
+
         if quant is None:
             if target.precision not in ("fp32",):
                 raise CrateEdgeError(f"target {target.name}: precision {target.precision} needs a [quantize] table (scheme int8)")
-            export_onnx(ep, example, out / MODEL, opset)
+            att = export(out / MODEL)
             ops = op_inventory(out / MODEL)
             gap = provider_gap(target.options.get("providers"))
             return Compiled(
                 files=[MODEL],
                 precision=precision_map("fp32"),
-                info={"opset": opset, "ops": ops, "device": target.device},
+                info={"opset": opset, "ops": ops, "device": target.device, **att},
                 verified={
                     "execution": "the same ONNX file on onnxruntime's CPU provider (parity)" if gap else "onnxruntime on this machine"
                 },
@@ -355,7 +425,7 @@ class ONNXRuntimeBackend(Backend):
         opts = {**target.options, **qc.options}
         with tempfile.TemporaryDirectory(prefix="crate-ort-") as td:
             fp32 = Path(td) / "fp32.onnx"
-            export_onnx(ep, example, fp32, opset)
+            att = export(fp32)
             ranges = None if opts.get("quantize_all_ops") else calibrate(module, quant)
             qinfo = quantize_int8_qdq(fp32, out / MODEL, quant, opts, ranges)
         ops = op_inventory(out / MODEL)
@@ -371,7 +441,7 @@ class ONNXRuntimeBackend(Backend):
         return Compiled(
             files=[MODEL],
             precision=prec,
-            info={"opset": opset, "ops": ops, "quantized": qinfo},
+            info={"opset": opset, "ops": ops, "quantized": qinfo, **att},
             verified={"execution": "onnxruntime on this machine"},
         )
 
