@@ -24,6 +24,10 @@ function (tests hold every pass to <= 1e-5 in fp32) in a form some backend runs 
                     affine and the embedding Linear's columns permuted to match: both
                     rearranging permutes move whole pixel rows, where upstream's (p1, p2, c)
                     puts channels innermost (a gather at stride c)
+  gemm_rows         each biased nn.Linear applied to its input as a (rows, features) matrix
+                    and reshaped back: the ONNX exporter's Gemm (bias inside), which ONNX
+                    Runtime quantizes into one QGemm, where a batched MatMul + Add became
+                    MatMulIntegerToFloat and a separate Add
   patch_linear      CRATE-α's Conv2d patch embedding (kernel = stride = patch) as patches
                     flattened in Conv2d's (c, p1, p2) order times an nn.Linear over the conv's
                     weight: the quantizers' embedding site is a Linear in both families
@@ -407,6 +411,29 @@ class PatchLinear(nn.Module):
 def patch_linear(model: CRATE) -> CRATE:
     if isinstance(model, CrateAlpha) and isinstance(model.conv1, nn.Conv2d):
         model.conv1 = PatchLinear(model.conv1)
+    return model
+
+
+# ------------------------------------------------------------------ GEMMs over rows
+
+
+class RowsLinear(nn.Linear):
+    """nn.Linear applied to x as a (rows, features) matrix, then the leading shape back: the
+    exporter's Gemm (bias inside) instead of a batched MatMul and an Add."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x.reshape(-1, x.shape[-1]), self.weight, self.bias)
+        return y.reshape(-1, *x.shape[1:-1], y.shape[-1]) if x.dim() > 2 else y
+
+
+@register("gemm_rows")
+def gemm_rows(model: CRATE) -> CRATE:
+    for mod in list(model.modules()):
+        for name, child in list(mod.named_children()):
+            if type(child) is nn.Linear and child.bias is not None:
+                new = RowsLinear(child.in_features, child.out_features, device=child.weight.device, dtype=child.weight.dtype)
+                new.weight, new.bias = child.weight, child.bias
+                setattr(mod, name, new)
     return model
 
 

@@ -81,7 +81,16 @@ def test_ort_int8_quantizes_only_the_site_gemms(model, ort_int8):
     assert not any(n.op_type in FLOAT_OPS for n in consumers)
     info = m["backend"]["quantized"]
     assert info["policy"] == "crate" and set(info["site_nodes"]) == set(q["sites"])
-    assert info["float_inputs_restored"] >= model.cfg.depth  # the ISTA identity path y reads the float tensor
+    # the ISTA identity path y reads the float tensor: no add reads a dequantized activation (with
+    # gemm_rows the sites quantize their flattened input, which nothing else reads; without it
+    # _restore_float_consumers rewires the add, float_inputs_restored)
+    g = _graph(ort_int8)
+    prod = {o: n for n in g.node for o in n.output}
+    dq_read = [
+        n.name for n in g.node if n.op_type == "Add" and any(getattr(prod.get(i), "op_type", "") == "DequantizeLinear" for i in n.input)
+    ]
+    assert not dq_read, dq_read
+    assert "gemm_rows" in m["rewrites"] or info["float_inputs_restored"] >= model.cfg.depth
     assert m["backend"]["ops"]["Attention"] == model.cfg.depth
 
 
