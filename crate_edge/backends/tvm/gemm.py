@@ -207,6 +207,33 @@ def use_tracking():
     return UseTracking
 
 
+def linear_site(rw, call):
+    """(x, W as a numpy [N, K] array) if call is matmul(x, permute_dims(W)) with a constant 2-D W,
+    the form the Relax importer gives nn.Linear (here and quant.quantize_module), else None."""
+    import tvm
+    from tvm import relax
+
+    if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(tvm.ir.Op.get("relax.matmul"))):
+        return None
+    x, wt = call.args
+    p = rw.lookup_binding(wt) if isinstance(wt, relax.Var) else None
+    if not (isinstance(p, relax.Call) and p.op.same_as(tvm.ir.Op.get("relax.permute_dims"))):
+        return None
+    c = p.args[0]
+    if not isinstance(c, tvm.ir.expr.Constant) or len(c.value.shape) != 2:
+        return None
+    return x, c.value.numpy()
+
+
+def as_rows(x):
+    """(x's leading dims, their product): x as a (rows, features) matrix."""
+    lead = list(x.ty.shape.values[:-1])
+    m = lead[0]
+    for d in lead[1:]:
+        m = m * d
+    return lead, m
+
+
 def handwritten_gemms(mod, target):
     """Rewrite main: each matmul(x, permute_dims(W)) with a constant fp32 W [N, K] that fits
     becomes reshape -> gemm_f32 (W packed at compile time) -> reshape; then, where each
@@ -216,48 +243,35 @@ def handwritten_gemms(mod, target):
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
-    op = {n: tvm.ir.Op.get(f"relax.{n}") for n in ("matmul", "permute_dims", "add", "reshape", "call_tir")}
+    op = {n: tvm.ir.Op.get(f"relax.{n}") for n in ("add", "reshape", "call_tir")}
     op["relu"] = tvm.ir.Op.get("relax.nn.relu")
-    made: dict = {}  # GlobalVar -> (K, N, epilogue)
+    made: dict = {}  # GlobalVar -> (K, N, epilogue) of every kernel added, for both passes
+    by_key: dict = {}  # the same, inverted
 
-    def kernel(bb, kernels, K, N, epi):
-        if (K, N, epi) not in kernels:
+    def kernel(bb, K, N, epi):
+        if (K, N, epi) not in by_key:
             name = f"gemm_f32_k{K}_n{N}" + (f"_{epi}" if epi else "")
             gv = bb.add_func(gemm_f32(K, N, name, epi), name)
-            kernels[K, N, epi], made[gv] = gv, (K, N, epi)
-        return kernels[K, N, epi]
+            by_key[K, N, epi], made[gv] = gv, (K, N, epi)
+        return by_key[K, N, epi]
 
     @mutator
     class Gemms(PyExprMutator):
-        def __init__(self, m):
-            super().__init__(m)
-            self.kernels = {}
-
         def visit_call_(self, call):
             call = self.visit_expr_post_order(call)
-            if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(op["matmul"])):
+            site = linear_site(self, call)
+            if site is None:
                 return call
-            x, wt = call.args
-            p = self.lookup_binding(wt) if isinstance(wt, relax.Var) else None
-            if not (isinstance(p, relax.Call) and p.op.same_as(op["permute_dims"])):
+            x, w = site
+            if str(w.dtype) != "float32" or getattr(x.ty, "dtype", None) != "float32" or len(x.ty.shape.values) < 2:
                 return call
-            c = p.args[0]
-            if not isinstance(c, tvm.ir.expr.Constant) or len(c.value.shape) != 2 or str(c.value.dtype) != "float32":
-                return call
-            if getattr(x.ty, "dtype", None) != "float32" or len(x.ty.shape.values) < 2:
-                return call
-            N, K = (int(d) for d in c.value.shape)
+            N, K = w.shape
             if not fits(K, N, target):
                 return call
-            lead = list(x.ty.shape.values[:-1])
-            m = lead[0]
-            for d in lead[1:]:
-                m = m * d
+            lead, m = as_rows(x)
             x2 = self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([m, K])))
-            w = relax.const(pack_weight(c.value.numpy()))
-            y = self.builder_.emit(
-                relax.call_tir(kernel(self.builder_, self.kernels, K, N, ""), [x2, w], relax.TensorType([m, N], "float32"))
-            )
+            w = relax.const(pack_weight(w))
+            y = self.builder_.emit(relax.call_tir(kernel(self.builder_, K, N, ""), [x2, w], relax.TensorType([m, N], "float32")))
             return relax.op.reshape(y, relax.ShapeExpr(lead + [N]))
 
     rw = Gemms(mod)
@@ -266,14 +280,10 @@ def handwritten_gemms(mod, target):
     mod = relax.transform.DeadCodeElimination()(rw.builder_.get())
 
     counts = {e: 0 for e in EPILOGUES}
-    step = {("", "bias"): "bias", ("bias", "residual"): "residual", ("bias", "relu"): "bias_relu", ("residual", "relu"): "residual_relu"}
+    with_relu = {"bias": "bias_relu", "residual": "residual_relu"}
 
     @mutator
     class Epilogues(use_tracking()):
-        def __init__(self, m):
-            super().__init__(m)
-            self.kernels = {v: g for g, v in made.items()}
-
         def gemm(self, y):
             """(call_tir, K, N, epilogue) if y = reshape(gemm_f32 call), each used once, else None."""
             r = self.bound(y, op["reshape"]) if self.once(y) else None
@@ -285,9 +295,7 @@ def handwritten_gemms(mod, target):
         def emit(self, g, K, N, epi, extra, shape):
             args = list(g.args[1].fields) + extra
             m = args[0].ty.shape.values[0]
-            y = self.builder_.emit(
-                relax.call_tir(kernel(self.builder_, self.kernels, K, N, epi), args, relax.TensorType([m, N], "float32"))
-            )
+            y = self.builder_.emit(relax.call_tir(kernel(self.builder_, K, N, epi), args, relax.TensorType([m, N], "float32")))
             self.fresh.add(y)
             return relax.op.reshape(y, relax.ShapeExpr(shape))
 
@@ -297,9 +305,9 @@ def handwritten_gemms(mod, target):
                 return call
             if call.op.same_as(op["relu"]):
                 f = self.gemm(call.args[0])
-                if f is not None and (f[3], "relu") in step:
+                if f is not None and f[3] in with_relu:
                     g, K, N, epi = f
-                    return self.emit(g, K, N, step[epi, "relu"], [], list(call.args[0].ty.shape.values))
+                    return self.emit(g, K, N, with_relu[epi], [], list(call.args[0].ty.shape.values))
                 return call
             if not call.op.same_as(op["add"]):
                 return call

@@ -10,7 +10,7 @@ import numpy as np
 from ...calibration import calibrate
 from ...errors import CrateEdgeError
 from .attention import ATTENTION_INT8, mssa_attention_int8, quantize_u8, reduce_lanes
-from .gemm import use_tracking
+from .gemm import as_rows, linear_site, use_tracking
 from .schedule import HANDWRITTEN
 from .target import KERNELS, VNNI, amx_tile_config, has_amx, kernel_for
 from .target import amx as _amx
@@ -444,7 +444,6 @@ def quantize_module(mod, module, plan, target):
     for site, path in plan.sites.items():
         w = module.get_submodule(path).weight.detach().float().contiguous().numpy()
         by_hash.setdefault(w.tobytes(), []).append(site)
-    matmul, permute = tvm.ir.Op.get("relax.matmul"), tvm.ir.Op.get("relax.permute_dims")
     layer_norm = tvm.ir.Op.get("relax.nn.layer_norm")
     reshape, call_tir = tvm.ir.Op.get("relax.reshape"), tvm.ir.Op.get("relax.call_tir")
     fused_ln, fused_att = [0], [0]
@@ -518,16 +517,10 @@ def quantize_module(mod, module, plan, target):
 
         def visit_call_(self, call):
             call = self.visit_expr_post_order(call)
-            if not (isinstance(call.op, tvm.ir.Op) and call.op.same_as(matmul)):
+            site = linear_site(self, call)
+            if site is None:
                 return call
-            x, wt = call.args
-            bound = self.lookup_binding(wt) if isinstance(wt, relax.Var) else None
-            if bound is None or not isinstance(bound, relax.Call) or not bound.op.same_as(permute):
-                return call
-            c = bound.args[0]
-            if not isinstance(c, tvm.ir.expr.Constant) or len(c.value.shape) != 2:
-                return call
-            w = c.value.numpy()
+            x, w = site
             names = by_hash.get(np.ascontiguousarray(w, np.float32).tobytes())
             if not names:
                 return call
@@ -551,10 +544,7 @@ def quantize_module(mod, module, plan, target):
             if key not in self.kernels:
                 fname = f"qgemm_{on[site]}_k{K}_n{N}"
                 self.kernels[key] = self.builder_.add_func(make(K, N, fname), fname)
-            lead = list(x.ty.shape.values[:-1])
-            m = lead[0]
-            for d in lead[1:]:
-                m = m * d
+            lead, m = as_rows(x)
             x2 = self.builder_.emit(relax.op.reshape(x, relax.ShapeExpr([m, K])))
             xq = self.layernorm_quant(x, x2, sa, K, m)
             if xq is None:
