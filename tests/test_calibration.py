@@ -162,6 +162,8 @@ def artifacts(tmp_path_factory):
             skipped[name] = why
             continue
         quant = {**t.quantize, "calibration": "percentile", "percentile": 99.9}
+        if t.backend == "executorch":  # its target quantizes activations per row at run time: no range to compare
+            quant["activations"] = "static"
         t = dataclasses.replace(t, quantize=quant, raw={**t.raw, "quantize": quant})
         arts[name] = compile(
             model,

@@ -81,13 +81,18 @@ def test_parity_and_accuracy(int8):
 
 @pytest.mark.parametrize("b", [1, 3])
 def test_dynamic_batch_runs(int8, b):
+    from crate_edge.data import open_inputs
+
     model = crate_edge.load_model().eval()
-    x = torch.randn(b, *model.cfg.input_shape, generator=torch.Generator().manual_seed(b))
+    # held-out images, not noise: on a random input the eager top-2 logits were 0.05 apart, closer
+    # than int8 keeps them (max |diff| 0.046), so its argmax measured nothing
+    x, _ = open_inputs("embedded", model.cfg, "test").first(4).tensors()
+    x = x[4 - b :]
     got = load_artifact(int8.path)(x.numpy())
     with torch.no_grad():
         want = model(x).numpy()
     assert got.shape == want.shape
-    assert (got.argmax(1) == want.argmax(1)).all() or b > 1  # random inputs: agreement only asked at b=1
+    assert (got.argmax(1) == want.argmax(1)).all()
     assert abs(got - want).max() < 0.5 * abs(want).max()  # int8, not garbage
 
 
