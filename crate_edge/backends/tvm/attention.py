@@ -20,7 +20,7 @@ from .target import amx as _amx
 # kernel's 14-row tiles in pairs. CRATE-Tiny's fp32 layer alone, 2 threads, AMX Xeon: 7-row tiles
 # 320-329 us, 14-row tiles (two 7-row accumulator groups) 305-311 us, same output.
 ATT_RB = 4
-NEG = -3.0e38  # scores of the padding columns: exp gives exactly 0 (fast_exp clamps, 2^-127 -> 0)
+NEG = -3.0e38  # scores of the padding columns: exp gives exactly 0 (_fast_exp clamps, 2^-127 -> 0; vscalefps underflows)
 
 
 def _pow2(n, VL: int):
@@ -91,22 +91,32 @@ LOG2E = 1.4426950408889634
 LOG2_255 = 7.994353436858858
 
 
-def _exp2_u8(t):
-    """round(2^t) as int32x16 for t <= log2 255 (softmax_u8's weights), AVX-512: f = t - round(t)
-    (vreduceps), a degree-4 Taylor 2^f on [-1/2, 1/2] (relative error 5.6e-5, 0.01 of a u8
-    step), times 2^round(t) by vscalefps, rounded by vcvtps2dq. 2^n by the exponent bits
-    (_pow2) took a clamp, a round, two converts, a shift and an add for what these do in three;
-    vscalefps gives 0 for the padding keys' -3e38 without a clamp."""
+# 2^f on [-1/2, 1/2], Taylor in f ln 2, highest power first: degree 7 for the fp32 softmax
+# (truncation 5e-9, below float rounding), degree 4 for the u8 weights (5.6e-5, 0.01 of a u8 step)
+EXP2_F32 = (1.5252733804e-5, 1.5403530393e-4, 1.3333558146e-3, 9.6181291076e-3, 5.5504108665e-2, 2.4022650696e-1, 6.9314718056e-1, 1.0)
+EXP2_U8 = (9.6181291076e-3, 5.5504108665e-2, 2.4022650696e-1, 6.9314718056e-1, 1.0)
+
+
+def exp2_avx512(t, coeffs=EXP2_F32):
+    """2^t as float32x16, AVX-512: f = t - round(t) (vreduceps), a polynomial for 2^f, times
+    2^round(t) by vscalefps. 2^n by the exponent bits (_pow2) took a clamp, a round, two converts,
+    a shift and an add for what these do in three; vscalefps gives 0 for the padding keys' -3e38
+    without a clamp (and the exact 2^n down to the subnormals)."""
     from tvm import tirx
 
-    c = lambda x, d="float32": tirx.Broadcast(tirx.const(x, d), 16)  # noqa: E731
+    c = lambda x: tirx.Broadcast(tirx.const(x, "float32"), 16)  # noqa: E731
     m16, cur = tirx.const(-1, "int16"), tirx.const(4, "int32")  # all lanes; the current (nearest-even) rounding
     f = tirx.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.mask.reduce.ps.512", t, tirx.const(0, "int32"), c(0.0), m16, cur)
-    p = c(9.6181291076e-3)
-    for k in (5.5504108665e-2, 2.4022650696e-1, 6.9314718056e-1, 1.0):
+    p = c(coeffs[0])
+    for k in coeffs[1:]:
         p = p * f + c(k)
-    w = tirx.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.mask.scalef.ps.512", p, t - f, c(0.0), m16, cur)
-    return round_i32(w)
+    return tirx.call_llvm_pure_intrin("float32x16", "llvm.x86.avx512.mask.scalef.ps.512", p, t - f, c(0.0), m16, cur)
+
+
+def _exp2_u8(t):
+    """round(2^t) as int32x16 for t <= log2 255 (softmax_u8's weights), AVX-512, rounded by
+    vcvtps2dq."""
+    return round_i32(exp2_avx512(t, EXP2_U8))
 
 
 def pack_keys(N: int, H: int, D: int, NR: int, name: str):
@@ -155,7 +165,11 @@ def mssa_attention(N: int, H: int, D: int, scale: float, name: str, MR: int, NR:
     RB = max(1, ATT_RB * MR // TR) * TR  # rows per task
     NRB = (N + RB - 1) // RB
     hz, vz = NR // VL, NV // VV
-    sc = float(scale)
+    # AVX-512: scores in base-2 units (scale * log2 e), so the softmax's exp is exp2_avx512's
+    # power of 2 (9 instructions a vector against _fast_exp's 17); AVX2 keeps _fast_exp
+    b2 = VL == 16
+    sc = float(scale) * (LOG2E if b2 else 1.0)
+    exp = exp2_avx512 if b2 else (lambda v: _fast_exp(v, VL))
 
     @T.macro
     def tile(X, KT, O, S, a0, a1, red, bb, hh, i0, r1, r2):
@@ -198,7 +212,7 @@ def mssa_attention(N: int, H: int, D: int, scale: float, name: str, MR: int, NR:
             # exp(s - max) in place, and the row sum
             red[T.ramp(VL, 1, VL)] = T.broadcast(T.float32(0), VL)
             for c in range(NC):
-                S[T.ramp(r * NPAD + c * VL, 1, VL)] = _fast_exp(S[T.ramp(r * NPAD + c * VL, 1, VL)] - T.broadcast(red[0], VL), VL)
+                S[T.ramp(r * NPAD + c * VL, 1, VL)] = exp(S[T.ramp(r * NPAD + c * VL, 1, VL)] - T.broadcast(red[0], VL))
                 red[T.ramp(VL, 1, VL)] = red[T.ramp(VL, 1, VL)] + S[T.ramp(r * NPAD + c * VL, 1, VL)]
             red[VL] = reduce_lanes(red[T.ramp(VL, 1, VL)], VL, lambda a, b: a + b)
             red[2 * VL + r] = T.float32(1) / red[VL]
