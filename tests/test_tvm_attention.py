@@ -32,7 +32,7 @@ def _run(level, B, N, H, D, scale):
     assert shape is not None
     MR, NR, VL, NV, VV = shape
     NP = (N + NR - 1) // NR
-    pk = tvm.compile(tvm.IRModule({"main": att.pack_keys(N, H, D, NR, "main")}), target=tgt)
+    pk = tvm.compile(tvm.IRModule({"main": att.pack_keys(N, H, D, NR, "main", VL)}), target=tgt)
     at = tvm.compile(tvm.IRModule({"main": att.mssa_attention(N, H, D, scale, "main", MR, NR, VL, NV, VV)}), target=tgt)
     x = np.random.default_rng(N + D).standard_normal((B, N, H, D)).astype(np.float32) * 2
     dev = tvm.cpu()
@@ -60,6 +60,24 @@ def test_kernel_matches_float64_softmax_attention(level, B, N, H, D):
     got, ref, shape = _run(level, B, N, H, D, D**-0.5)
     assert np.isfinite(got).all()
     assert np.abs(got - ref).max() <= 2e-5 * max(1.0, np.abs(ref).max()), (shape, np.abs(got - ref).max())
+
+
+@pytest.mark.parametrize("level", LEVELS or ["native"])
+@pytest.mark.parametrize("B,N,H,D", [(1, 197, 6, 64), (2, 5, 2, 16), (1, 65, 4, 24)])
+def test_pack_keys_layout(level, B, N, H, D):
+    """KT[b, h, p, d, j] = X[b, p NR + j, h, d], zero past N: the 16 x 16 register transposes
+    (AVX-512, widths of 16) and the element loop (AVX2, other widths) alike."""
+    tgt = make_target({"kind": "llvm"}, level)
+    MR, NR, VL, NV, VV = att.kernel_shape(D, tgt)
+    NP = (N + NR - 1) // NR
+    pk = tvm.compile(tvm.IRModule({"main": att.pack_keys(N, H, D, NR, "main", VL)}), target=tgt)
+    x = np.random.default_rng(N).standard_normal((B, N, H, D)).astype(np.float32)
+    kt = tvm.runtime.tensor(np.full((B, H, NP, D, NR), np.nan, np.float32), tvm.cpu())
+    pk(tvm.runtime.tensor(x, tvm.cpu()), kt)
+    xp = np.zeros((B, NP * NR, H, D), np.float32)
+    xp[:, :N] = x
+    want = xp.reshape(B, NP, NR, H, D).transpose(0, 3, 1, 4, 2)
+    np.testing.assert_array_equal(kt.numpy(), want)
 
 
 def test_large_scores_do_not_overflow():

@@ -119,12 +119,65 @@ def _exp2_u8(t):
     return round_i32(exp2_avx512(t, EXP2_U8))
 
 
-def pack_keys(N: int, H: int, D: int, NR: int, name: str):
+def _swap_blocks(A, B, b: int, second: bool):
+    """One step of a 16 x 16 transpose on two rows i and i + b (i & b == 0) of 16 floats: the
+    first row keeps its lanes k with k & b == 0 and takes B's lanes k - b for the others, the
+    second takes A's lanes k + b and keeps its own; b = 8, 4, 2, 1 in turn transposes the block."""
+    from tvm import tirx
+
+    if second:
+        idx = [k + b if (k & b) == 0 else 16 + k for k in range(16)]
+    else:
+        idx = [k if (k & b) == 0 else 16 + k - b for k in range(16)]
+    return tirx.Shuffle([A, B], [tirx.IntImm("int32", v) for v in idx])
+
+
+def pack_keys(N: int, H: int, D: int, NR: int, name: str, VL: int = 0):
     """TIR: X [B, N, H, D] -> KT [B, H, NP, D, NR], each head's keys transposed into panels of
-    NR tokens (zero past N): the scores micro-kernel reads NR contiguous keys per d."""
+    NR tokens (zero past N): the scores micro-kernel reads NR contiguous keys per d. With VL = 16
+    (AVX-512) and D, NR multiples of 16, blocks of 16 tokens x 16 features go through registers:
+    16 row loads, four steps of 16 two-row shuffles (_swap_blocks), 16 column stores, where the
+    element loop moved one float at a time (CRATE-Tiny: 32 us a layer, 0.39 ms of tvm's 13)."""
     from tvm.script import tirx as T
 
     NP = (N + NR - 1) // NR
+    blocks = VL == 16 and D % 16 == 0 and NR % 16 == 0
+
+    @T.macro
+    def step(src, dst, bs):
+        for q in T.unroll(8):
+            i = q // bs * 2 * bs + q % bs
+            dst[T.ramp(i * 16, 1, 16)] = _swap_blocks(src[T.ramp(i * 16, 1, 16)], src[T.ramp((i + bs) * 16, 1, 16)], bs, False)
+            dst[T.ramp((i + bs) * 16, 1, 16)] = _swap_blocks(src[T.ramp(i * 16, 1, 16)], src[T.ramp((i + bs) * 16, 1, 16)], bs, True)
+
+    @T.prim_func(s_tir=True)
+    def pack_blocks(x: T.handle, kt: T.handle):
+        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "global_symbol": name, HANDWRITTEN: True})
+        b = T.int64()
+        X = T.match_buffer(x, (b, N, H, D), "float32")
+        KT = T.match_buffer(kt, (b, H, NP, D, NR), "float32")
+        with T.sblock("root"):
+            with T.sblock("pack"):
+                T.reads(X[0:b, 0:N, 0:H, 0:D])
+                T.writes(KT[0:b, 0:H, 0:NP, 0:D, 0:NR])
+                for t in T.parallel(b * H * NP):
+                    R0 = T.alloc_buffer((256,), "float32")  # the block, row by row, and the
+                    R1 = T.alloc_buffer((256,), "float32")  # other of each step's two buffers
+                    for g in range(NR // 16):
+                        for c in range(D // 16):
+                            for i in T.unroll(16):
+                                n = t % NP * NR + g * 16 + i
+                                R0[T.ramp(i * 16, 1, 16)] = T.if_then_else(
+                                    n < N,
+                                    X.vload([t // (H * NP), T.min(n, N - 1), t // NP % H, c * 16], "float32x16"),
+                                    T.broadcast(T.float32(0), 16),
+                                )
+                            step(R0, R1, 8)
+                            step(R1, R0, 4)
+                            step(R0, R1, 2)
+                            step(R1, R0, 1)
+                            for k in T.unroll(16):
+                                KT[t // (H * NP), t // NP % H, t % NP, c * 16 + k, T.ramp(g * 16, 1, 16)] = R0[T.ramp(k * 16, 1, 16)]
 
     @T.prim_func(s_tir=True)
     def pack(x: T.handle, kt: T.handle):
@@ -144,7 +197,7 @@ def pack_keys(N: int, H: int, D: int, NR: int, name: str):
                                 n < N, X[t // (H * NP), T.min(n, N - 1), t // NP % H, d], T.float32(0)
                             )
 
-    return pack
+    return pack_blocks if blocks else pack
 
 
 def mssa_attention(N: int, H: int, D: int, scale: float, name: str, MR: int, NR: int, VL: int, NV: int, VV: int):
@@ -788,7 +841,7 @@ def fuse_attention(mod, target, precision: str = "float"):
             key = (N, H, D, round(scale, 12))
             if key not in self.kernels:
                 tag = f"n{N}_h{H}_d{D}"
-                pk = self.builder_.add_func(pack_keys(N, H, D, NR, f"permute_pad_{tag}"), f"permute_pad_{tag}")
+                pk = self.builder_.add_func(pack_keys(N, H, D, NR, f"permute_pad_{tag}", VL), f"permute_pad_{tag}")
                 at = self.builder_.add_func(
                     mssa_attention(N, H, D, scale, f"mssa_attention_{tag}", MR, NR, VL, NV, VV), f"mssa_attention_{tag}"
                 )
