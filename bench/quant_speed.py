@@ -10,7 +10,9 @@ runtime whose threads keep spinning after a call would slow the next one), run t
 contenders' order and reversed; both medians are recorded and the table gives the first and
 the largest difference between the two. Floors: GEMM FLOPs per image (bench/table.py's count)
 over this host's ceilings measured here (bench/table.py's gemm_ceilings on the model's
-(tokens x d) x (d x d) shape): fp32 (every GEMM at the fp32 ceiling), int8 under the CRATE policy
+(tokens x d) x (d x d) shape, before the forward run, between the runs and after the reversed
+one; each run is held to the mean of the measurements either side of it, since a shared host's
+speed drifts between minutes): fp32 (every GEMM at the fp32 ceiling), int8 under the CRATE policy
 (weight GEMMs at the int8 ceiling, the attention products at fp32), int8 everywhere, bf16.
 Fraction of floor = floor ms / median ms, each contender against its own precision's floor (an
 int8 one that quantizes the attention products too against int8 everywhere; every int8 one also
@@ -65,6 +67,16 @@ def floors(cfg, ceil: dict, batch: int) -> dict[str, float | None]:
     }
 
 
+def window(c1: dict, c2: dict) -> dict:
+    """The ceilings of the minutes between two gemm_ceilings measurements: each precision's rate
+    the mean of the two (None where neither has one)."""
+    out = dict(c1)
+    for p in ("fp32", "bf16", "int8"):
+        r = [c[p]["gflops"] for c in (c1, c2) if c.get(p, {}).get("gflops")]
+        out[p] = {**c1[p], "gflops": sum(r) / len(r) if r else None}
+    return out
+
+
 def floor_of(name: str, precision: str | None, int8_attention: bool = False) -> str:
     """Which floor a contender is held to: its own precision's. An int8 contender that also
     quantizes the attention products (NNCF does; a crate-edge target with [quantize] attention =
@@ -114,9 +126,10 @@ def main():
     print(f"host: {host['cpu']}, ISA {' '.join(host['isa'])}", file=sys.stderr)
 
     n_tok = (model.cfg.num_patches + 1) * a.batch
-    print(f"GEMM ceilings on ({n_tok} x {model.cfg.dim}) x ({model.cfg.dim} x {model.cfg.dim}), {a.threads} threads", file=sys.stderr)
-    ceil = gemm_ceilings(n_tok, model.cfg.dim, model.cfg.dim, a.threads, 0.5)
-    floor_ms = floors(model.cfg, ceil, a.batch)
+
+    def measure_ceilings(when: str) -> dict:
+        print(f"GEMM ceilings on ({n_tok} x {model.cfg.dim}) x ({model.cfg.dim} x {model.cfg.dim}), {a.threads} threads, {when}", file=sys.stderr)
+        return gemm_ceilings(n_tok, model.cfg.dim, model.cfg.dim, a.threads, 0.5)
 
     def eager(inp):
         with torch.no_grad():
@@ -146,10 +159,16 @@ def main():
         parity[k] = {"top1_agreement": p["top1_agreement"], "min_cosine": p["min_cosine"], "max_abs": p["max_abs"]}
 
     runs, busy = [], [{}, {}]
+    samples = [measure_ceilings("before the forward run")]
     for i, order in enumerate((list(fns), list(fns)[::-1])):
         print(f"timing, {'forward' if i == 0 else 'reversed'} order", file=sys.stderr)
         t = time_rounds({k: fns[k] for k in order}, x, 5, a.rounds, a.per_round, busy=busy[i])
         runs.append(t)
+        samples.append(measure_ceilings(f"after the {'forward' if i == 0 else 'reversed'} run"))
+    # each run against the ceilings of its own minutes (the mean of the samples either side):
+    # a shared host drifts by 10% between minutes, and all of a run's contenders with it
+    ceil, ceil_rev = window(samples[0], samples[1]), window(samples[1], samples[2])
+    floor_ms, floor_rev = floors(model.cfg, ceil, a.batch), floors(model.cfg, ceil_rev, a.batch)
     times = runs[0]
     med = {k: float(np.median(v)) for k, v in times.items()}
     med_rev = {k: float(np.median(v)) for k, v in runs[1].items()}
@@ -168,6 +187,7 @@ def main():
             "floor": fk,
             "floor_ms": fm,
             "fraction_of_floor": fm / med[k] if fm else None,
+            "fraction_of_floor_reversed": floor_rev[fk] / med_rev[k] if floor_rev.get(fk) else None,
             # every int8 contender against the CRATE-policy floor too (float attention products at the
             # fp32 ceiling), which one that quantizes attention can beat: read with int8_attention
             "int8_attention": a8,
@@ -201,7 +221,10 @@ def main():
         "rows": rows,
         "skipped": skipped,
         "gemm_ceilings": ceil,
+        "gemm_ceilings_reversed": ceil_rev,
+        "gemm_ceiling_samples": samples,
         "floors_ms": floor_ms,
+        "floors_ms_reversed": floor_rev,
         "contenders": contenders,
         "timing": "time_rounds with settle() before every block, forward then reversed order; median_ms from the forward run",
     }
@@ -223,8 +246,11 @@ def main():
     g = {p: ceil[p]["gflops"] for p in ("fp32", "bf16", "int8")}
     lines += [
         "",
-        f"Host: {host['cpu']}, ISA {' '.join(host['isa'])}. GEMM ceilings measured in this run on {ceil['shape']}: "
-        + ", ".join(f"{p} {v:.0f} G/s ({ceil[p]['how']})" for p, v in g.items() if v)
+        f"Host: {host['cpu']}, ISA {' '.join(host['isa'])}. GEMM ceilings measured in this run on {ceil['shape']} "
+        "(mean of the measurements before and after the forward run; before / after the forward / after the reversed run): "
+        + ", ".join(
+            f"{p} {v:.0f} G/s ({ceil[p]['how']}; " + " / ".join(f"{c[p]['gflops'] or 0:.0f}" for c in samples) + ")" for p, v in g.items() if v
+        )
         + ". Floors (ms): "
         + ", ".join(f"{k} {v:.2f}" for k, v in floor_ms.items() if v)
         + ".",

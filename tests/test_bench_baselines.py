@@ -10,7 +10,7 @@ import torch
 
 import crate_edge
 from bench import _common, baselines
-from bench.quant_speed import floor_of, floors, int8_attention
+from bench.quant_speed import floor_of, floors, int8_attention, window
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +71,12 @@ def test_floors_follow_the_gemm_counts():
     assert floor_of("tvm-int8", "int8", int8_attention=True) == "int8_everything"
     assert not int8_attention({"precision": {"detail": {}}})
     assert int8_attention({"precision": {"detail": {"attention_products": "int8 (vpdpbusd)"}}})
+
+
+def test_each_run_is_held_to_the_ceilings_either_side_of_it():
+    a = {"shape": [1, 2, 3], "fp32": {"gflops": 100.0, "how": "x"}, "bf16": {"gflops": None, "how": "y"}, "int8": {"gflops": 400.0, "how": "z"}}
+    b = {"shape": [1, 2, 3], "fp32": {"gflops": 80.0, "how": "x"}, "bf16": {"gflops": None, "how": "y"}, "int8": {"gflops": 300.0, "how": "w"}}
+    w = window(a, b)
+    assert w["fp32"]["gflops"] == pytest.approx(90.0) and w["int8"]["gflops"] == pytest.approx(350.0)
+    assert w["bf16"]["gflops"] is None and w["shape"] == [1, 2, 3] and w["fp32"]["how"] == "x"
+    assert a["fp32"]["gflops"] == 100.0  # the samples themselves are kept as measured
