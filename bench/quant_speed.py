@@ -128,7 +128,10 @@ def main():
     n_tok = (model.cfg.num_patches + 1) * a.batch
 
     def measure_ceilings(when: str) -> dict:
-        print(f"GEMM ceilings on ({n_tok} x {model.cfg.dim}) x ({model.cfg.dim} x {model.cfg.dim}), {a.threads} threads, {when}", file=sys.stderr)
+        print(
+            f"GEMM ceilings on ({n_tok} x {model.cfg.dim}) x ({model.cfg.dim} x {model.cfg.dim}), {a.threads} threads, {when}",
+            file=sys.stderr,
+        )
         return gemm_ceilings(n_tok, model.cfg.dim, model.cfg.dim, a.threads, 0.5)
 
     def eager(inp):
@@ -249,7 +252,9 @@ def main():
         f"Host: {host['cpu']}, ISA {' '.join(host['isa'])}. GEMM ceilings measured in this run on {ceil['shape']} "
         "(mean of the measurements before and after the forward run; before / after the forward / after the reversed run): "
         + ", ".join(
-            f"{p} {v:.0f} G/s ({ceil[p]['how']}; " + " / ".join(f"{c[p]['gflops'] or 0:.0f}" for c in samples) + ")" for p, v in g.items() if v
+            f"{p} {v:.0f} G/s ({ceil[p]['how']}; " + " / ".join(f"{c[p]['gflops'] or 0:.0f}" for c in samples) + ")"
+            for p, v in g.items()
+            if v
         )
         + ". Floors (ms): "
         + ", ".join(f"{k} {v:.2f}" for k, v in floor_ms.items() if v)

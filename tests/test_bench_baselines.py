@@ -74,8 +74,18 @@ def test_floors_follow_the_gemm_counts():
 
 
 def test_each_run_is_held_to_the_ceilings_either_side_of_it():
-    a = {"shape": [1, 2, 3], "fp32": {"gflops": 100.0, "how": "x"}, "bf16": {"gflops": None, "how": "y"}, "int8": {"gflops": 400.0, "how": "z"}}
-    b = {"shape": [1, 2, 3], "fp32": {"gflops": 80.0, "how": "x"}, "bf16": {"gflops": None, "how": "y"}, "int8": {"gflops": 300.0, "how": "w"}}
+    a = {
+        "shape": [1, 2, 3],
+        "fp32": {"gflops": 100.0, "how": "x"},
+        "bf16": {"gflops": None, "how": "y"},
+        "int8": {"gflops": 400.0, "how": "z"},
+    }
+    b = {
+        "shape": [1, 2, 3],
+        "fp32": {"gflops": 80.0, "how": "x"},
+        "bf16": {"gflops": None, "how": "y"},
+        "int8": {"gflops": 300.0, "how": "w"},
+    }
     w = window(a, b)
     assert w["fp32"]["gflops"] == pytest.approx(90.0) and w["int8"]["gflops"] == pytest.approx(350.0)
     assert w["bf16"]["gflops"] is None and w["shape"] == [1, 2, 3] and w["fp32"]["how"] == "x"
