@@ -150,34 +150,36 @@ def pack_keys(N: int, H: int, D: int, NR: int, name: str, VL: int = 0):
             dst[T.ramp(i * 16, 1, 16)] = _swap_blocks(src[T.ramp(i * 16, 1, 16)], src[T.ramp((i + bs) * 16, 1, 16)], bs, False)
             dst[T.ramp((i + bs) * 16, 1, 16)] = _swap_blocks(src[T.ramp(i * 16, 1, 16)], src[T.ramp((i + bs) * 16, 1, 16)], bs, True)
 
-    @T.prim_func(s_tir=True)
-    def pack_blocks(x: T.handle, kt: T.handle):
-        T.func_attr({"tir.noalias": True, "tirx.is_scheduled": True, "global_symbol": name, HANDWRITTEN: True})
-        b = T.int64()
-        X = T.match_buffer(x, (b, N, H, D), "float32")
-        KT = T.match_buffer(kt, (b, H, NP, D, NR), "float32")
-        with T.sblock("root"):
-            with T.sblock("pack"):
-                T.reads(X[0:b, 0:N, 0:H, 0:D])
-                T.writes(KT[0:b, 0:H, 0:NP, 0:D, 0:NR])
-                for t in T.parallel(b * H * NP):
-                    R0 = T.alloc_buffer((256,), "float32")  # the block, row by row, and the
-                    R1 = T.alloc_buffer((256,), "float32")  # other of each step's two buffers
-                    for g in range(NR // 16):
-                        for c in range(D // 16):
-                            for i in T.unroll(16):
-                                n = t % NP * NR + g * 16 + i
-                                R0[T.ramp(i * 16, 1, 16)] = T.if_then_else(
-                                    n < N,
-                                    X.vload([t // (H * NP), T.min(n, N - 1), t // NP % H, c * 16], "float32x16"),
-                                    T.broadcast(T.float32(0), 16),
-                                )
-                            step(R0, R1, 8)
-                            step(R1, R0, 4)
-                            step(R0, R1, 2)
-                            step(R1, R0, 1)
-                            for k in T.unroll(16):
-                                KT[t // (H * NP), t // NP % H, t % NP, c * 16 + k, T.ramp(g * 16, 1, 16)] = R0[T.ramp(k * 16, 1, 16)]
+    @T.macro
+    def by_blocks(X, KT, t):
+        R0 = T.alloc_buffer((256,), "float32")  # the block, row by row, and the
+        R1 = T.alloc_buffer((256,), "float32")  # other of each step's two buffers
+        for g in range(NR // 16):
+            for c in range(D // 16):
+                for i in T.unroll(16):
+                    n = t % NP * NR + g * 16 + i
+                    R0[T.ramp(i * 16, 1, 16)] = T.if_then_else(
+                        n < N,
+                        X.vload([t // (H * NP), T.min(n, N - 1), t // NP % H, c * 16], "float32x16"),
+                        T.broadcast(T.float32(0), 16),
+                    )
+                step(R0, R1, 8)
+                step(R1, R0, 4)
+                step(R0, R1, 2)
+                step(R1, R0, 1)
+                for k in T.unroll(16):
+                    KT[t // (H * NP), t // NP % H, t % NP, c * 16 + k, T.ramp(g * 16, 1, 16)] = R0[T.ramp(k * 16, 1, 16)]
+
+    @T.macro
+    def by_elements(X, KT, t):
+        for j in range(NR):
+            for d in range(D):
+                n = t % NP * NR + j
+                KT[t // (H * NP), t // NP % H, t % NP, d, j] = T.if_then_else(
+                    n < N, X[t // (H * NP), T.min(n, N - 1), t // NP % H, d], T.float32(0)
+                )
+
+    panel = by_blocks if blocks else by_elements
 
     @T.prim_func(s_tir=True)
     def pack(x: T.handle, kt: T.handle):
@@ -190,14 +192,9 @@ def pack_keys(N: int, H: int, D: int, NR: int, name: str, VL: int = 0):
                 T.reads(X[0:b, 0:N, 0:H, 0:D])
                 T.writes(KT[0:b, 0:H, 0:NP, 0:D, 0:NR])
                 for t in T.parallel(b * H * NP):
-                    for j in range(NR):
-                        for d in range(D):
-                            n = t % NP * NR + j
-                            KT[t // (H * NP), t // NP % H, t % NP, d, j] = T.if_then_else(
-                                n < N, X[t // (H * NP), T.min(n, N - 1), t // NP % H, d], T.float32(0)
-                            )
+                    panel(X, KT, t)
 
-    return pack_blocks if blocks else pack
+    return pack
 
 
 def mssa_attention(N: int, H: int, D: int, scale: float, name: str, MR: int, NR: int, VL: int, NV: int, VV: int):
